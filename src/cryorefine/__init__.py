@@ -1,0 +1,3 @@
+"""cryorefine: template-based cryo-EM particle finding and refinement (PyTorch, CPU or CUDA)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Files users already have: MRC, RELION STAR, Leopard-EM CSV, cryoSPARC .cs."""
