@@ -51,11 +51,5 @@ def _root(
     """Template-based cryo-EM particle finding and refinement."""
 
 
-def _register_programs() -> None:
-    # Imported here so each program module adds its own command to `app`.
-    from cryorefine.programs import simulate  # noqa: F401
-
-
 def main() -> None:
-    _register_programs()
     app(args=sys.argv[1:], prog_name="cryorefine")
