@@ -1,4 +1,4 @@
-"""Atomic writes leave the old file or the new one, never half of one, and never overwrite silently."""
+"""Atomic writes leave the old file or the new one, never half, and never overwrite silently."""
 
 from __future__ import annotations
 

@@ -50,7 +50,9 @@ def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
 def test_overrides_take_precedence_and_resolved_config_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text("pixel_size_angstrom: 1.2\nbox_size: 32\n")
-    config = load_config(ExampleConfig, path, overrides={"box_size": 48, "pixel_size_angstrom": None})
+    config = load_config(
+        ExampleConfig, path, overrides={"box_size": 48, "pixel_size_angstrom": None}
+    )
     assert config == ExampleConfig(pixel_size_angstrom=1.2, box_size=48)
     saved = save_resolved_config(config, tmp_path / "out" / "config.yaml")
     assert load_config(ExampleConfig, saved) == config

@@ -89,9 +89,7 @@ def coordinate_grid(
     return torch.stack(mesh[::-1], dim=-1)
 
 
-def phase_shift(
-    f: torch.Tensor, shift: torch.Tensor, shape: tuple[int, ...]
-) -> torch.Tensor:
+def phase_shift(f: torch.Tensor, shift: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Translate a centred half transform by `shift` pixels (sub-pixel, periodic).
 
     Args:

@@ -27,10 +27,10 @@ def euler_to_matrix(
     Returns:
         (..., 3, 3) matrices A = Rz(psi) · Ry(tilt) · Rz(rot) acting on (x, y, z).
     """
-    rot, tilt, psi = torch.broadcast_tensors(*(torch.as_tensor(a) for a in (rot, tilt, psi)))
-    if not rot.is_floating_point():
-        rot, tilt, psi = rot.double(), tilt.double(), psi.double()
-    a, b, g = torch.deg2rad(rot), torch.deg2rad(tilt), torch.deg2rad(psi)
+    angles = torch.broadcast_tensors(*(torch.as_tensor(a) for a in (rot, tilt, psi)))
+    if not angles[0].is_floating_point():
+        angles = tuple(angle.double() for angle in angles)
+    a, b, g = (torch.deg2rad(angle) for angle in angles)
     ca, sa, cb, sb, cg, sg = a.cos(), a.sin(), b.cos(), b.sin(), g.cos(), g.sin()
     rows = [
         [cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb],
