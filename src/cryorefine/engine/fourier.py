@@ -58,8 +58,8 @@ def frequency_grid(
     axes = []
     for i, n in enumerate(shape):
         is_x = i == len(shape) - 1
-        f = torch.fft.rfftfreq(n) if (rfft and is_x) else torch.fft.fftfreq(n)
-        axes.append(f.to(device=device, dtype=dtype))
+        frequencies = torch.fft.rfftfreq if (rfft and is_x) else torch.fft.fftfreq
+        axes.append(frequencies(n, device=device, dtype=dtype))
     mesh = torch.meshgrid(*axes, indexing="ij")
     return torch.stack(mesh[::-1], dim=-1)
 
