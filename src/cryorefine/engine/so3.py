@@ -66,7 +66,15 @@ def matrix_to_euler(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def angular_distance(matrix_a: torch.Tensor, matrix_b: torch.Tensor) -> torch.Tensor:
-    """Geodesic angle in degrees between rotations: (...) from two (..., 3, 3)."""
-    relative = matrix_a.transpose(-1, -2) @ matrix_b
-    trace = relative.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return torch.rad2deg(torch.acos(((trace - 1.0) / 2.0).clamp(-1.0, 1.0)))
+    """Geodesic angle in degrees between rotations: (...) from two (..., 3, 3).
+
+    atan2(sin θ, cos θ) rather than acos(cos θ), which loses half the digits near 0.
+    """
+    r = matrix_a.transpose(-1, -2) @ matrix_b
+    cos_angle = (r.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0
+    axis_times_sin = torch.stack(
+        [r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]],
+        dim=-1,
+    )
+    sin_angle = torch.linalg.vector_norm(axis_times_sin, dim=-1) / 2.0
+    return torch.rad2deg(torch.atan2(sin_angle, cos_angle))

@@ -47,7 +47,9 @@ def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         temporary_path.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+def atomic_write(
+    path: str | Path, write: Callable[[Path], object], overwrite: bool = False
+) -> Path:
     """Call `write(temporary_path)` and move the result onto `path` atomically."""
     with atomic_path(path, overwrite=overwrite) as temporary:
         write(temporary)
