@@ -13,6 +13,8 @@ Angles are degrees at interfaces; matrices are float tensors (..., 3, 3).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -25,11 +27,17 @@ def euler_to_matrix(
         rot, tilt, psi: broadcastable (...) angles in degrees.
 
     Returns:
-        (..., 3, 3) matrices A = Rz(psi) · Ry(tilt) · Rz(rot) acting on (x, y, z).
+        (..., 3, 3) matrices A = Rz(psi) · Ry(tilt) · Rz(rot) acting on (x, y, z), in
+        the promoted floating dtype of the tensor angles (float64 for plain numbers).
     """
-    angles = torch.broadcast_tensors(*(torch.as_tensor(a) for a in (rot, tilt, psi)))
-    if not angles[0].is_floating_point():
-        angles = tuple(angle.double() for angle in angles)
+    given = [a for a in (rot, tilt, psi) if isinstance(a, torch.Tensor)]
+    # Plain numbers must not drag float64 tensors down to torch's float32 default.
+    floats = [a.dtype for a in given if a.is_floating_point()]
+    dtype = functools.reduce(torch.promote_types, floats, floats[0]) if floats else torch.float64
+    device = given[0].device if given else None
+    angles = torch.broadcast_tensors(
+        *(torch.as_tensor(a, dtype=dtype, device=device) for a in (rot, tilt, psi))
+    )
     a, b, g = (torch.deg2rad(angle) for angle in angles)
     ca, sa, cb, sb, cg, sg = a.cos(), a.sin(), b.cos(), b.sin(), g.cos(), g.sin()
     rows = [
