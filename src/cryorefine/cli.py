@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -49,6 +50,46 @@ def _root(
     ),
 ) -> None:
     """Template-based cryo-EM particle finding and refinement."""
+
+
+@app.command("simulate")
+def simulate(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Write into a non-empty folder.")
+    ] = False,
+    structure: Annotated[
+        Path | None, typer.Option("--structure", help="PDB/mmCIF model (default: built-in).")
+    ] = None,
+    pixel_size: Annotated[float | None, typer.Option("--pixel-size", help="Å/px.")] = None,
+    box_size: Annotated[int | None, typer.Option("--box-size", help="Template box, px.")] = None,
+    n_particles: Annotated[int | None, typer.Option("--n-particles", help="Stack size.")] = None,
+    n_micrographs: Annotated[
+        int | None, typer.Option("--n-micrographs", help="Number of micrographs.")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto.")] = None,
+) -> None:
+    """Write a synthetic dataset with known truth: template, particle stack, micrographs.
+
+    Example: cryorefine simulate --output sim --seed 1 --n-particles 100
+    """
+    from cryorefine.config import load_config
+    from cryorefine.programs import simulate as program
+
+    overrides = {
+        "output": output,
+        "seed": seed,
+        "overwrite": overwrite or None,
+        "structure": structure,
+        "pixel_size_angstrom": pixel_size,
+        "box_size": box_size,
+        "n_particles": n_particles,
+        "n_micrographs": n_micrographs,
+        "device": device,
+    }
+    run_guarded(lambda: program.run(load_config(program.SimulateConfig, config, overrides)))
 
 
 def main() -> None:
