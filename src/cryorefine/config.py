@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, require_file
 
 ConfigT = TypeVar("ConfigT", bound="Config")
 
@@ -53,8 +53,7 @@ def validate_config(
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with one clear error for a missing or malformed file."""
     path = Path(path)
-    if not path.is_file():
-        raise CryorefineError("file not found.", path=path, fix="check the path.")
+    path = require_file(path, "file")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

@@ -37,3 +37,16 @@ class CryorefineError(Exception):
         if self.fix:
             text += f" Fix: {self.fix}"
         return text
+
+
+def require_file(path: str | Path, kind: str) -> Path:
+    """`path` as a Path if it is an existing file, else one clear error naming it.
+
+    Args:
+        path: the file a user gave.
+        kind: what it should be, for the message (e.g. "STAR file").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CryorefineError(f"{kind} not found.", path=path, fix="check the path and spelling.")
+    return path

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from cryorefine.engine.so3 import matrix_to_euler
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, require_file
 from cryorefine.io.particles import CRYOSPARC_UID, format_image_name
 
 
@@ -133,10 +133,7 @@ def table_from_cryosparc(
 def read_cryosparc_particles(path: str | Path) -> pd.DataFrame:
     """The canonical particle table of a cryoSPARC particles .cs file."""
     path = Path(path)
-    if not path.is_file():
-        raise CryorefineError(
-            "cryoSPARC file not found.", path=path, fix="check the path and spelling."
-        )
+    path = require_file(path, "cryoSPARC file")
     try:
         records = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as error:

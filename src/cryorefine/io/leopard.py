@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, require_file
 from cryorefine.io import particles as p
 from cryorefine.io.atomic import atomic_write
 from cryorefine.io.particles import require_columns
@@ -250,10 +250,7 @@ def leopard_from_table(
 def read_leopard_csv(path: str | Path, template_size: int | None = None) -> pd.DataFrame:
     """The canonical table of a Leopard-EM particle CSV (see `table_from_leopard`)."""
     path = Path(path)
-    if not path.is_file():
-        raise CryorefineError(
-            "Leopard-EM CSV not found.", path=path, fix="check the path and spelling."
-        )
+    path = require_file(path, "Leopard-EM CSV")
     try:
         leopard = pd.read_csv(path)
     except (ValueError, OSError) as error:

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, require_file
 from cryorefine.io.atomic import atomic_write
 from cryorefine.io.particles import split_image_name
 
@@ -55,8 +55,7 @@ def _is_compressed(path: Path) -> bool:
 def mrc_info(path: str | Path) -> MrcInfo:
     """Read and check an MRC header: shape, voxel size, dtype; detects truncated files."""
     path = Path(path)
-    if not path.is_file():
-        raise CryorefineError("MRC file not found.", path=path, fix="check the path and spelling.")
+    path = require_file(path, "MRC file")
     try:
         with warnings.catch_warnings():
             # Permissive: old or vendor files (EPU, SerialEM) bend the standard in

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, require_file
 from cryorefine.io.atomic import atomic_write
 from cryorefine.io.particles import OPTICS_COLUMNS, TEXT_COLUMNS, require_columns
 
@@ -82,8 +82,7 @@ def write_star_micrographs(path: str | Path, table: pd.DataFrame, overwrite: boo
 
 
 def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
-    if not path.is_file():
-        raise CryorefineError("STAR file not found.", path=path, fix="check the path and spelling.")
+    path = require_file(path, "STAR file")
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=list(TEXT_COLUMNS))
     except Exception as error:  # starfile raises many types on malformed text

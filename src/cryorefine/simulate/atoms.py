@@ -24,7 +24,7 @@ from pathlib import Path
 import gemmi
 import torch
 
-from cryorefine.errors import CryorefineError
+from cryorefine.errors import CryorefineError, require_file
 from cryorefine.simulate.scattering import (
     POTENTIAL_PREFACTOR_VOLT_ANGSTROM2,
     scattering_coefficients,
@@ -75,8 +75,7 @@ def read_atomic_model(
         CryorefineError: the file is missing, unreadable, or holds no atoms.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CryorefineError("atomic model not found.", path=path, fix="check the path.")
+    path = require_file(path, "atomic model")
     try:
         structure = gemmi.read_structure(str(path))
     except (RuntimeError, ValueError) as error:
