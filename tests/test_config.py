@@ -56,3 +56,16 @@ def test_overrides_take_precedence_and_resolved_config_round_trips(tmp_path: Pat
     assert config == ExampleConfig(pixel_size_angstrom=1.2, box_size=48)
     saved = save_resolved_config(config, tmp_path / "out" / "config.yaml")
     assert load_config(ExampleConfig, saved) == config
+
+
+class NeedsOutput(Config):
+    output: str
+
+
+def test_missing_required_key_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("{}\n")
+    with pytest.raises(CryorefineError) as caught:
+        load_config(NeedsOutput, path)
+    assert "field 'output'" in caught.value.message
+    assert "required but not given" in caught.value.message

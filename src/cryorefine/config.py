@@ -29,8 +29,10 @@ def _describe_validation_error(error: ValidationError) -> tuple[str, str]:
     field = ".".join(str(part) for part in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
         return field, "unknown key."
-    value = first.get("input")
-    return field, f"{first['msg']} (got {value!r})."
+    if first["type"] == "missing":
+        return field, "required but not given."
+    message = first["msg"].removeprefix("Value error, ")
+    return field, f"{message} (got {first.get('input')!r})."
 
 
 def validate_config(
