@@ -92,5 +92,66 @@ def simulate(
     run_guarded(lambda: program.run(load_config(program.SimulateConfig, config, overrides)))
 
 
+@app.command("reconstruct")
+def reconstruct(
+    particles: Annotated[
+        Path | None,
+        typer.Option(
+            "--particles",
+            "-i",
+            help="RELION particles STAR file with poses, origins and CTF. Image names "
+            "(rlnImageName) are read relative to the STAR file's folder.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output map (MRC); map.config.yaml goes beside it."),
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config.")] = None,
+    symmetry: Annotated[
+        str | None, typer.Option("--symmetry", help="Point group, RELION names (C1, D2, O, I).")
+    ] = None,
+    pad_factor: Annotated[
+        float | None, typer.Option("--pad-factor", help="Fourier padding (≥ 1; default 2).")
+    ] = None,
+    ctf: Annotated[
+        bool | None,
+        typer.Option("--ctf/--no-ctf", help="CTF-weighted (default), as relion_reconstruct --ctf."),
+    ] = None,
+    subset: Annotated[
+        int | None, typer.Option("--subset", help="Only particles with this rlnRandomSubset (1|2).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Images per batch (memory).")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output map.")
+    ] = False,
+) -> None:
+    """Reconstruct a 3D map from particles with known poses (Fourier insertion, CTF²-weighted).
+
+    The pixel size is the STAR file's rlnImagePixelSize (data_optics); stack headers
+    are not trusted (relion_preprocess writes 1.0 there).
+
+    Example: cryorefine reconstruct --particles run_data.star --output map.mrc --symmetry D2
+    """
+    from cryorefine.config import load_config
+    from cryorefine.programs import reconstruct as program
+
+    overrides = {
+        "particles": particles,
+        "output": output,
+        "symmetry": symmetry,
+        "pad_factor": pad_factor,
+        "ctf": ctf,
+        "subset": subset,
+        "batch_size": batch_size,
+        "device": device,
+        "overwrite": overwrite or None,
+    }
+    run_guarded(lambda: program.run(load_config(program.ReconstructConfig, config, overrides)))
+
+
 def main() -> None:
     app(args=sys.argv[1:], prog_name="cryorefine")

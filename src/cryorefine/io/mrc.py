@@ -195,6 +195,93 @@ def _convert(array: np.ndarray, target: np.dtype, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array.astype(target))
 
 
+def _images_per_stack(
+    image_names: Sequence[str], source: str | Path | None = None
+) -> dict[str, list[tuple[int, int | None]]]:
+    """Rows of each stack file named in `image_names`: {file: [(row, 1-based index)]}."""
+    rows_of_file: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
+    for row, name in enumerate(image_names):
+        try:
+            index, file_name = split_image_name(str(name))
+        except ValueError as error:
+            raise CryorefineError(
+                f"{error}.",
+                path=source,
+                field="rlnImageName",
+                fix="image names look like 000012@stack.mrcs.",
+            ) from None
+        rows_of_file[file_name].append((row, index))
+    return rows_of_file
+
+
+def _require_stack(
+    stack_path: Path, relative_to: str | Path, image_name: str, source: str | Path | None = None
+) -> None:
+    if not stack_path.is_file():
+        folder = f"the STAR file's folder ({relative_to})" if source else str(relative_to)
+        raise CryorefineError(
+            f"particle stack not found (named by rlnImageName '{image_name}').",
+            path=stack_path,
+            fix=f"image names are read relative to {folder}: put the stacks there "
+            "or correct rlnImageName.",
+        )
+
+
+def check_particle_stacks(
+    image_names: Sequence[str], relative_to: str | Path, source: str | Path | None = None
+) -> int:
+    """Check, from headers only, that every named image can be read; return the box edge.
+
+    Every stack must exist, be complete, hold square 2D images of one size and the
+    indices asked for. Run it before compute so a bad stack fails at once.
+
+    Args:
+        image_names: RELION image names ("000012@stack.mrcs").
+        relative_to: the folder the names are relative to.
+        source: the STAR file the names come from, for messages.
+
+    Returns:
+        The box edge in pixels.
+    """
+    boxes: dict[int, Path] = {}
+    for file_name, rows in _images_per_stack(image_names, source).items():
+        stack_path = Path(relative_to) / file_name
+        _require_stack(stack_path, relative_to, str(image_names[rows[0][0]]), source)
+        info = mrc_info(stack_path)
+        if len(info.shape) == 3 and not info.is_stack:
+            raise CryorefineError(
+                f"holds a volume {info.shape}, not 2D images.",
+                path=stack_path,
+                fix="give a particle stack (.mrcs).",
+            )
+        count, height, width = info.shape if len(info.shape) == 3 else (1, *info.shape)
+        if height != width:
+            raise CryorefineError(
+                f"images are {width} x {height} px; square boxes are needed.",
+                path=stack_path,
+                fix="re-extract the particles with a square box.",
+            )
+        highest = max(1 if index is None else index for _, index in rows)
+        if highest > count:
+            raise CryorefineError(
+                f"rlnImageName asks for image {highest} but the stack holds {count}.",
+                path=stack_path,
+                field="rlnImageName",
+                fix="the STAR file and the stack do not match; use the right stack.",
+            )
+        boxes.setdefault(height, stack_path)
+    if len(boxes) > 1:
+        described = "; ".join(f"{box} px in {path}" for box, path in boxes.items())
+        raise CryorefineError(
+            f"particle boxes differ between stacks ({described}).",
+            path=source,
+            fix="use particles extracted with one box size.",
+        )
+    if not boxes:
+        raise CryorefineError("no particle images named.", path=source, field="rlnImageName")
+    return next(iter(boxes))
+
+
 def read_particle_images(image_names: Sequence[str], relative_to: str | Path) -> np.ndarray:
     """Images named RELION's way ("000012@Extract/job007/stack.mrcs", 1-based), in order.
 
@@ -204,26 +291,12 @@ def read_particle_images(image_names: Sequence[str], relative_to: str | Path) ->
     Returns:
         (n, y, x) float32.
     """
-    rows_of_file: dict[str, list[tuple[int, int | None]]] = defaultdict(list)
-    for row, name in enumerate(image_names):
-        try:
-            index, file_name = split_image_name(str(name))
-        except ValueError as error:
-            raise CryorefineError(
-                f"{error}.", field="rlnImageName", fix="image names look like 000012@stack.mrcs."
-            ) from error
-        rows_of_file[file_name].append((row, index))
+    rows_of_file = _images_per_stack(image_names)
 
     images: np.ndarray | None = None
     for file_name, rows in rows_of_file.items():
         stack_path = Path(relative_to) / file_name
-        if not stack_path.is_file():
-            raise CryorefineError(
-                f"particle stack not found (named by rlnImageName '{image_names[rows[0][0]]}').",
-                path=stack_path,
-                fix=f"image names are read relative to {relative_to}: run from the RELION "
-                "project folder or pass the folder the names are relative to.",
-            )
+        _require_stack(stack_path, relative_to, str(image_names[rows[0][0]]))
         mrc_info(stack_path)  # clear errors for truncated or foreign files
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
