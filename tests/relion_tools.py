@@ -17,6 +17,7 @@ import starfile
 import torch
 
 from cryorefine.engine.fourier import coordinate_grid
+from cryorefine.engine.fsc import fourier_shell_correlation
 
 RELION_TIMEOUT_SECONDS = 120
 
@@ -167,21 +168,8 @@ def band_limit(volume: torch.Tensor, max_frequency: float = 0.5) -> torch.Tensor
 
 
 def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
-    """Brute-force FSC of two (D, D, D) maps: (D//2 + 1,) shells round(|k| D), Nyquist last."""
-    box_size = map_a.shape[-1]
-    fa = torch.fft.fftn(map_a.double().cpu())
-    fb = torch.fft.fftn(map_b.double().cpu())
-    k = torch.fft.fftfreq(box_size, dtype=torch.float64)
-    radius = (k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2).sqrt()
-    shell = (radius * box_size).round().long().reshape(-1)
-    keep = shell <= box_size // 2
-    n = box_size // 2 + 1
-
-    def shell_sum(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n, dtype=torch.float64).index_add_(0, shell[keep], x.reshape(-1)[keep])
-
-    cross = shell_sum((fa * fb.conj()).real)
-    return cross / (shell_sum(fa.abs() ** 2) * shell_sum(fb.abs() ** 2)).sqrt()
+    """FSC of two (D, D, D) maps in float64: (D//2 + 1,) shells round(|k| D), Nyquist last."""
+    return fourier_shell_correlation(map_a.double().cpu(), map_b.double().cpu())
 
 
 def random_rotations(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from cryorefine.engine.so3 import angular_distance, euler_to_matrix, matrix_to_euler
+from relion_tools import run_relion
 
 
 def _f64(*values: float) -> tuple[torch.Tensor, ...]:
@@ -139,14 +139,9 @@ def test_relion_prints_the_same_matrix_for_its_euler_angles(
     """
     checked = 0
     for name in ("T", "I1", "I3", "D7"):
-        out = subprocess.run(
-            [f"{relion_bin}/relion_refine", "--print_symmetry_ops", "--sym", name],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=60,
-            check=True,
-        ).stdout
+        out = run_relion(
+            relion_bin, "relion_refine", ["--print_symmetry_ops", "--sym", name], tmp_path
+        )
         pattern = r"R\(\d+\)=\s*\n((?:[ \t]*\S+[ \t]+\S+[ \t]+\S+[ \t]*\n){3})\s*Euler angles:(.*)"
         for matrix_text, angles_text in re.findall(pattern, out):
             relion_matrix = torch.tensor(

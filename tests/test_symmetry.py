@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from cryorefine.engine.symmetry import (
     symmetry_operators,
 )
 from cryorefine.errors import CryorefineError
+from relion_tools import run_relion
 
 ORDERS = {
     "C1": 1,
@@ -96,14 +96,7 @@ def test_unknown_symmetry_names_the_field_and_the_valid_names(bad: str) -> None:
 
 
 def _relion_operators(relion_bin: str, name: str, workdir: Path) -> np.ndarray:
-    out = subprocess.run(
-        [f"{relion_bin}/relion_refine", "--print_symmetry_ops", "--sym", name],
-        capture_output=True,
-        text=True,
-        cwd=workdir,
-        timeout=60,
-        check=True,
-    ).stdout
+    out = run_relion(relion_bin, "relion_refine", ["--print_symmetry_ops", "--sym", name], workdir)
     blocks = re.findall(r"R\(\d+\)=\s*\n((?:[ \t]*\S+[ \t]+\S+[ \t]+\S+[ \t]*\n){3})", out)
     return np.array([[float(v) for v in block.split()] for block in blocks]).reshape(-1, 3, 3)
 
