@@ -18,6 +18,7 @@ is the leading (...) shape of the result, so a batch of defoci gives a batch of 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -202,3 +203,53 @@ def _broadcast_parameters(
     return [
         p.reshape(*p.shape, *([1] * trailing_dims)) for p in torch.broadcast_tensors(*converted)
     ]
+
+
+@dataclass(frozen=True)
+class CtfParameters:
+    """One micrograph's (or particle's) CTF, in the units RELION's STAR files use.
+
+    Attributes:
+        defocus_u_angstrom, defocus_v_angstrom: Å, underfocus positive.
+        astigmatism_angle_degrees: azimuth of U from the x axis, degrees.
+        voltage_kv: kV; spherical_aberration_mm: mm; amplitude_contrast: fraction.
+        phase_shift_degrees: degrees; b_factor_angstrom2: Å².
+    """
+
+    defocus_u_angstrom: float
+    defocus_v_angstrom: float
+    astigmatism_angle_degrees: float
+    voltage_kv: float
+    spherical_aberration_mm: float
+    amplitude_contrast: float
+    phase_shift_degrees: float = 0.0
+    b_factor_angstrom2: float = 0.0
+
+    def planes(
+        self,
+        image_shape: tuple[int, int],
+        pixel_size_angstrom: float,
+        defocus_offsets_angstrom: torch.Tensor,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """CTFs with both defoci shifted by each offset: real (P, h, w // 2 + 1), rfft layout.
+
+        Args:
+            image_shape: (h, w) pixels.
+            pixel_size_angstrom: Å per pixel.
+            defocus_offsets_angstrom: (P,) added to defocus U and V (a defocus plane).
+        """
+        offsets = defocus_offsets_angstrom.to(device=device, dtype=torch.float64)
+        return ctf_2d(
+            image_shape,
+            pixel_size_angstrom,
+            self.defocus_u_angstrom + offsets,
+            self.defocus_v_angstrom + offsets,
+            self.astigmatism_angle_degrees,
+            self.voltage_kv,
+            self.spherical_aberration_mm,
+            self.amplitude_contrast,
+            self.phase_shift_degrees,
+            self.b_factor_angstrom2,
+            device=device,
+        ).float()

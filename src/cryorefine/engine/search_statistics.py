@@ -1,0 +1,123 @@
+"""Per-pixel statistics of a correlation search, kept while the search runs.
+
+A 2DTM search computes one correlation map per (defocus plane, orientation): far
+too many to keep. Per pixel it keeps the maximum over the search (the MIP), which
+search position gave it, and the running sum and sum of squares, from which the
+mean and standard deviation of the correlation over the search follow and the
+z-score (MIP − mean) / std normalises each pixel by its own noise.
+
+Search positions are numbered once for the whole search (`search_index` =
+plane · n_orientations + orientation), so decoding a best position never depends
+on how the search was cut into batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SearchStatistics:
+    """Running per-pixel statistics of correlation maps of shape (H, W).
+
+    Attributes:
+        mip: float32 (H, W) maximum correlation so far (−inf before any update).
+        best_index: int64 (H, W) search index of that maximum (−1 before any update).
+        total: float64 (H, W) sum of the correlations.
+        total_squares: float64 (H, W) sum of their squares.
+        count: number of correlation maps accumulated.
+    """
+
+    mip: torch.Tensor
+    best_index: torch.Tensor
+    total: torch.Tensor
+    total_squares: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(
+        cls, shape: tuple[int, int], device: torch.device | str | None = None
+    ) -> SearchStatistics:
+        """Statistics of no maps yet, for maps of shape (H, W)."""
+        return cls(
+            mip=torch.full(shape, -torch.inf, dtype=torch.float32, device=device),
+            best_index=torch.full(shape, -1, dtype=torch.int64, device=device),
+            total=torch.zeros(shape, dtype=torch.float64, device=device),
+            total_squares=torch.zeros(shape, dtype=torch.float64, device=device),
+        )
+
+    def update(self, correlations: torch.Tensor, first_index: int) -> None:
+        """Fold in maps (B, H, W) whose search indices are first_index … first_index + B − 1.
+
+        A tie keeps the earlier search index, so the result does not depend on the
+        batch size.
+        """
+        # A max with indices over the batch axis is ~10× slower than amax on a CPU,
+        # so indices are found only where the maximum improved: everywhere early
+        # in a search, at few pixels later.
+        batch_max = correlations.amax(dim=0)
+        better = batch_max > self.mip
+        n_better = int(better.sum())
+        if n_better > better.numel() // 8:
+            for offset, correlation in enumerate(correlations):
+                improved = correlation > self.mip
+                self.best_index.masked_fill_(improved, first_index + offset)
+                self.mip = torch.maximum(self.mip, correlation)
+        elif n_better:
+            where = better.nonzero(as_tuple=True)
+            batch_argmax = correlations[:, where[0], where[1]].argmax(dim=0)
+            self.best_index[where] = batch_argmax + first_index
+            self.mip = torch.maximum(self.mip, batch_max)
+        # Batch sums in float32 (a few terms), the running sums in float64 (many).
+        self.total += correlations.sum(dim=0)
+        self.total_squares += correlations.square().sum(dim=0)
+        self.count += correlations.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """float32 (H, W) mean correlation over the search."""
+        return (self.total / max(self.count, 1)).float()
+
+    def std(self) -> torch.Tensor:
+        """float32 (H, W) standard deviation (population) of the correlation over the search."""
+        n = max(self.count, 1)
+        mean = self.total / n
+        variance = (self.total_squares / n - mean.square()).clamp(min=0.0)
+        return variance.sqrt().float()
+
+    def z_score(self) -> torch.Tensor:
+        """float32 (H, W) (MIP − mean) / std: the MIP in units of the pixel's own noise."""
+        std = self.std()
+        tiny = torch.finfo(std.dtype).tiny
+        return torch.where(std > 0, (self.mip - self.mean()) / std.clamp(min=tiny), 0.0)
+
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        """Everything needed to continue the search later (tensors on the CPU)."""
+        return {
+            "mip": self.mip.cpu(),
+            "best_index": self.best_index.cpu(),
+            "total": self.total.cpu(),
+            "total_squares": self.total_squares.cpu(),
+            "count": self.count,
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor | int], device: torch.device | str | None = None
+    ) -> SearchStatistics:
+        """Inverse of `state_dict`, on `device`."""
+
+        def tensor(name: str) -> torch.Tensor:
+            value = state[name]
+            assert isinstance(value, torch.Tensor)
+            return value.to(device)
+
+        count = state["count"]
+        return cls(
+            mip=tensor("mip"),
+            best_index=tensor("best_index"),
+            total=tensor("total"),
+            total_squares=tensor("total_squares"),
+            count=int(count),
+        )

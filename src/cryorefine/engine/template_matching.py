@@ -1,0 +1,250 @@
+"""Normalised cross-correlation of a micrograph with many filtered template projections.
+
+The 2DTM score of a projection p (D × D, centre at D//2) at micrograph pixel (y, x) is
+
+    c(y, x) = Σ m(y + dy, x + dx) · f(D//2 + dy, D//2 + dx) / ‖f‖,
+
+with m the micrograph after the image-side filter (whitening, band-pass),
+normalised to zero mean and unit variance, and f the projection after the
+template-side filter G_d = image filter · CTF of defocus plane d, with zero mean
+(G_d(0) = 0). For white unit-variance noise c is a standard normal variable.
+
+Unlike filtering on the template's own D × D grid, G_d is applied on the
+micrograph's grid, which is the CTF's true action (the CTF spreads a particle's
+signal beyond its box) and lets the expensive part be shared:
+
+- planes: S_d = M̂ · G_d · e, one per defocus plane, computed once per micrograph
+  (e is the phase ramp that moves a projection transformed at the corner of the
+  micrograph grid to its centre), so each projection is transformed only once,
+  whatever the number of planes (`projection_transforms`).
+- per projection and plane: one half-size complex product and one inverse FFT.
+- ‖f‖² = Σ_k |P̂(k)|² G_d(k)² / (H W) needs no full-size transform: by Parseval it
+  equals Σ_Δ a_p(Δ) κ_d(Δ), a_p the projection's autocorrelation (lags |Δ| < D)
+  and κ_d = irfft2(G_d²) (`norm_kernels`), a small matrix product per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cryorefine.engine.fourier import centred_irfftn
+
+
+@dataclass(frozen=True)
+class SearchPlanes:
+    """The micrograph side of a search, one plane per defocus.
+
+    Attributes:
+        spectra: complex (P, H, W // 2 + 1) S_d = M̂ · G_d · e.
+        norm_kernels: real (P, 2D, 2D) κ_d on the autocorrelation lag layout.
+        image_shape: (H, W).
+        template_size: D.
+    """
+
+    spectra: torch.Tensor
+    norm_kernels: torch.Tensor
+    image_shape: tuple[int, int]
+    template_size: int
+
+    @property
+    def n_planes(self) -> int:
+        return int(self.spectra.shape[0])
+
+
+def normalised_filtered_image(image: torch.Tensor, image_filter: torch.Tensor) -> torch.Tensor:
+    """Image after a Fourier filter, with zero mean and unit variance.
+
+    Args:
+        image: real (H, W).
+        image_filter: real (H, W // 2 + 1) on torch.fft.rfftn's layout.
+
+    Returns:
+        real (H, W) float32.
+    """
+    filtered = torch.fft.irfftn(
+        torch.fft.rfftn(image.float()) * image_filter, s=image.shape[-2:], dim=(-2, -1)
+    )
+    filtered = filtered - filtered.mean()
+    std = filtered.std(correction=0)
+    if not bool(std > 0):
+        raise ValueError("the filtered image is constant: nothing to correlate with")
+    return filtered / std
+
+
+def centring_ramp(
+    image_shape: tuple[int, int], shift: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """e(k) = exp(−2πi (k_y s / H + k_x s / W)): rolls a map by (s, s) pixels.
+
+    Returns:
+        complex64 (H, W // 2 + 1) on the rfft layout.
+    """
+    height, width = image_shape
+    ky = torch.fft.fftfreq(height, device=device, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(width, device=device, dtype=torch.float64)
+    phase = -2.0 * torch.pi * shift * (ky[:, None] + kx[None, :])
+    return torch.polar(torch.ones_like(phase), phase).to(torch.complex64)
+
+
+def hermitian_consistent(half_filter: torch.Tensor) -> torch.Tensor:
+    """A real filter on the rfft half grid made even where the half grid meets itself.
+
+    The columns k_x = 0 and k_x = W/2 hold both k_y and −k_y; an astigmatic CTF
+    differs between them on the Nyquist column (it is even in k, not in k_y), and an
+    inverse rfft would silently symmetrise it. Averaging the two makes the filter
+    one that the correlation and the norm (`norm_kernels`) both see the same way.
+
+    Args:
+        half_filter: real (..., H, W // 2 + 1).
+
+    Returns:
+        a new real (..., H, W // 2 + 1) tensor.
+    """
+    result = half_filter.clone()
+    for column in (0, -1):
+        values = half_filter[..., column]
+        partner = values.flip(-1).roll(1, dims=-1)  # index (H − i) mod H holds −k_y
+        result[..., column] = 0.5 * (values + partner)
+    return result
+
+
+def norm_kernels(template_filters: torch.Tensor, template_size: int) -> torch.Tensor:
+    """κ_d = irfft2(G_d²) at the lags of a D × D projection's autocorrelation.
+
+    Args:
+        template_filters: real (P, H, W // 2 + 1) G_d on the rfft layout (even in k).
+        template_size: D.
+
+    Returns:
+        real (P, 2D, 2D) float32; index j along an axis holds lag j for j < D and
+        lag j − 2D for j ≥ D (the layout of `autocorrelations`).
+    """
+    height = template_filters.shape[-2]
+    width = 2 * (template_filters.shape[-1] - 1)
+    if torch.fft.rfftfreq(width).numel() != template_filters.shape[-1]:
+        raise ValueError("template_filters must be an rfft half grid")
+    kernel = torch.fft.irfftn(template_filters.double().square(), s=(height, width), dim=(-2, -1))
+    # An odd W cannot be told from W − 1 by its half grid; 2DTM micrographs are even.
+    lags = torch.arange(2 * template_size, device=template_filters.device)
+    lags = torch.where(lags < template_size, lags, lags - 2 * template_size)
+    rows = lags.remainder(height)
+    columns = lags.remainder(width)
+    kernel = kernel[:, rows][:, :, columns]
+    kernel[:, template_size, :] = 0.0  # lag ±D does not occur for a D-wide projection
+    kernel[:, :, template_size] = 0.0
+    return kernel.float()
+
+
+def prepare_planes(
+    image: torch.Tensor,
+    image_filter: torch.Tensor,
+    plane_filters: torch.Tensor,
+    template_size: int,
+) -> SearchPlanes:
+    """The micrograph side of a search.
+
+    Args:
+        image: real (H, W) micrograph, H and W even.
+        image_filter: real (H, W // 2 + 1) filter applied to the micrograph (whitening,
+            band-pass), rfft layout.
+        plane_filters: real (P, H, W // 2 + 1) template-side filters G_d (image filter ·
+            CTF of plane d, with the template's contrast sign), rfft layout.
+        template_size: D, the projections' box.
+
+    Returns:
+        SearchPlanes on the image's device.
+    """
+    height, width = image.shape[-2:]
+    if height % 2 or width % 2:
+        raise ValueError(f"image sides must be even, got {(height, width)}")
+    if template_size > min(height, width):
+        raise ValueError(
+            f"template of {template_size} px is larger than the image {(height, width)}"
+        )
+    plane_filters = hermitian_consistent(plane_filters.float())
+    plane_filters[..., 0, 0] = 0.0  # zero-mean templates
+    normalised = normalised_filtered_image(image, image_filter)
+    image_ft = torch.fft.rfftn(normalised)
+    ramp = centring_ramp((height, width), template_size // 2, device=image.device)
+    spectra = image_ft * ramp * plane_filters
+    return SearchPlanes(
+        spectra=spectra,
+        norm_kernels=norm_kernels(plane_filters, template_size),
+        image_shape=(height, width),
+        template_size=template_size,
+    )
+
+
+def projections_from_slices(slices: torch.Tensor) -> torch.Tensor:
+    """Real projections (B, D, D), centre at D//2, from centred half transforms (B, D, D//2 + 1)."""
+    size = slices.shape[-2]
+    return centred_irfftn(slices, (size, size)).float()
+
+
+def projection_transforms(projections: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
+    """Half transforms of projections laid at the corner (0, 0) of the image grid.
+
+    Args:
+        projections: real (B, D, D).
+        image_shape: (H, W).
+
+    Returns:
+        complex (B, H, W // 2 + 1).
+    """
+    # rfftn pads at the end, i.e. puts the projection at the corner; the planes'
+    # centring ramp moves it to the centre. (Transforming only the D non-zero rows
+    # first and the columns after is slower on a CPU: strided column FFTs.)
+    return torch.fft.rfftn(projections, s=image_shape, dim=(-2, -1))
+
+
+def autocorrelations(projections: torch.Tensor) -> torch.Tensor:
+    """Linear autocorrelations a_p(Δ) = Σ_y p(y) p(y + Δ), |Δ| < D.
+
+    Returns:
+        real (B, 2D, 2D), lag layout of `norm_kernels`.
+    """
+    size = projections.shape[-1]
+    spectrum = torch.fft.rfftn(projections.double(), s=(2 * size, 2 * size), dim=(-2, -1))
+    power = spectrum.real.square() + spectrum.imag.square()
+    return torch.fft.irfftn(power, s=(2 * size, 2 * size), dim=(-2, -1))
+
+
+def projection_norms(planes: SearchPlanes, projections: torch.Tensor) -> torch.Tensor:
+    """‖f_{b,d}‖: norm of projection b after the template filter of plane d.
+
+    Returns:
+        real (B, P) float32 (> 0 unless the filtered projection is blank).
+    """
+    lags = autocorrelations(projections).flatten(-2).float()
+    squared = lags @ planes.norm_kernels.flatten(-2).T
+    return squared.clamp(min=0.0).sqrt()
+
+
+def correlate_planes(
+    planes: SearchPlanes, projections: torch.Tensor
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Normalised correlation maps of a batch of projections, plane by plane.
+
+    Args:
+        planes: from `prepare_planes`.
+        projections: real (B, D, D), centre at D//2 (unfiltered; the planes hold the
+            filters).
+
+    Yields:
+        (plane index d, real (B, H, W) float32 c as in the module docstring, with
+        c[b, y, x] the score of projection b centred on pixel (y, x)).
+    """
+    projections = projections.float()
+    # Resolved once here, the conjugate costs one pass instead of one per plane.
+    conjugate = projection_transforms(projections, planes.image_shape).conj().resolve_conj()
+    norms = projection_norms(planes, projections)
+    tiny = torch.finfo(norms.dtype).tiny
+    inverse_norms = torch.where(norms > 0, 1.0 / norms.clamp(min=tiny), 0.0)
+    for plane in range(planes.n_planes):
+        product = conjugate * planes.spectra[plane]
+        correlations = torch.fft.irfftn(product, s=planes.image_shape, dim=(-2, -1))
+        correlations *= inverse_norms[:, plane, None, None]
+        yield plane, correlations

@@ -1,0 +1,118 @@
+"""The 2DTM correlation engine against a direct computation, and its statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cryorefine.engine.correlate import cross_correlate, pad_template
+from cryorefine.engine.ctf import ctf_2d
+from cryorefine.engine.filters import whitening_filter
+from cryorefine.engine.search_statistics import SearchStatistics
+from cryorefine.engine.template_matching import (
+    correlate_planes,
+    hermitian_consistent,
+    normalised_filtered_image,
+    prepare_planes,
+    projection_norms,
+)
+
+
+def _filters(image: torch.Tensor, n_planes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (image.shape[-2], image.shape[-1])
+    image_filter = whitening_filter(image)
+    defoci = 12000.0 + 400.0 * torch.arange(n_planes, dtype=torch.float64)
+    ctf = ctf_2d(shape, 1.5, defoci, defoci - 300.0, 30.0, 300.0, 2.7, 0.07, device=image.device)
+    return image_filter, image_filter * ctf.float()
+
+
+def _direct_scores(
+    image: torch.Tensor,
+    image_filter: torch.Tensor,
+    plane_filter: torch.Tensor,
+    projection: torch.Tensor,
+) -> torch.Tensor:
+    """Cross-correlation of the normalised image with the filtered projection over ‖f‖."""
+    shape = (image.shape[-2], image.shape[-1])
+    normalised = normalised_filtered_image(image, image_filter).double()
+    padded = pad_template(projection.double(), shape)
+    spectrum = torch.fft.rfftn(torch.fft.ifftshift(padded)) * hermitian_consistent(
+        plane_filter.double()
+    )
+    spectrum[0, 0] = 0.0
+    filtered = torch.fft.fftshift(torch.fft.irfftn(spectrum, s=shape))
+    return cross_correlate(normalised, filtered) / filtered.norm()
+
+
+def test_scores_equal_the_direct_filtered_correlation(device: torch.device) -> None:
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(96, 80, generator=generator).cumsum(-1).to(device)  # coloured
+    projections = torch.randn(3, 16, 16, generator=generator).to(device)
+    image_filter, plane_filters = _filters(image, 2)
+    planes = prepare_planes(image, image_filter, plane_filters, 16)
+    for plane, scores in correlate_planes(planes, projections):
+        for b in range(3):
+            direct = _direct_scores(image, image_filter, plane_filters[plane], projections[b])
+            torch.testing.assert_close(scores[b].double(), direct, atol=2e-4, rtol=0)
+
+
+def test_norms_by_autocorrelation_equal_parseval(device: torch.device) -> None:
+    generator = torch.Generator().manual_seed(2)
+    image = torch.randn(64, 64, generator=generator).to(device)
+    projections = torch.randn(4, 20, 20, generator=generator).to(device)
+    image_filter, plane_filters = _filters(image, 3)
+    planes = prepare_planes(image, image_filter, plane_filters, 20)
+    norms = projection_norms(planes, projections)
+    for b in range(4):
+        for d in range(3):
+            g = hermitian_consistent(plane_filters[d].double())
+            g[0, 0] = 0.0
+            spectrum = torch.fft.rfftn(projections[b].double(), s=(64, 64)) * g
+            expected = torch.fft.irfftn(spectrum, s=(64, 64)).norm()
+            assert norms[b, d].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_a_planted_projection_scores_its_snr_at_its_centre(device: torch.device) -> None:
+    """White noise σ = 1 plus a projection of norm s: the peak is s, at its centre pixel."""
+    generator = torch.Generator().manual_seed(3)
+    projection = torch.randn(24, 24, generator=generator)
+    projection = 8.0 * projection / projection.norm()
+    noise = torch.randn(128, 128, generator=generator)
+    image = noise.clone()
+    image[50 - 12 : 50 + 12, 70 - 12 : 70 + 12] += projection
+    flat = torch.ones(128, 65)
+    planes = prepare_planes(image.to(device), flat.to(device), flat[None].to(device), 24)
+    _, scores = next(correlate_planes(planes, projection[None].to(device)))
+    peak = int(scores[0].argmax())
+    assert divmod(peak, 128) == (50, 70)
+    assert scores[0, 50, 70].item() == pytest.approx(8.0, abs=0.5)
+
+
+def test_statistics_equal_a_recomputation_for_any_batch_size(device: torch.device) -> None:
+    generator = torch.Generator().manual_seed(4)
+    maps = torch.randn(23, 8, 9, generator=generator).to(device)
+    for batch in (1, 5, 23):
+        statistics = SearchStatistics.empty((8, 9), device=device)
+        for start in range(0, 23, batch):
+            statistics.update(maps[start : start + batch], start)
+        torch.testing.assert_close(statistics.mip, maps.max(0).values)
+        torch.testing.assert_close(statistics.best_index, maps.argmax(0))
+        torch.testing.assert_close(statistics.mean(), maps.mean(0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(statistics.std(), maps.std(0, correction=0), atol=1e-6, rtol=0)
+        z = (maps.max(0).values - maps.mean(0)) / maps.std(0, correction=0)
+        torch.testing.assert_close(statistics.z_score(), z, atol=1e-5, rtol=0)
+
+
+def test_statistics_survive_a_state_dict_round_trip() -> None:
+    maps = torch.randn(6, 4, 4)
+    statistics = SearchStatistics.empty((4, 4))
+    statistics.update(maps[:3], 0)
+    restored = SearchStatistics.from_state_dict(statistics.state_dict())
+    restored.update(maps[3:], 3)
+    statistics.update(maps[3:], 3)
+    for name in ("mip", "best_index", "total", "total_squares"):
+        assert torch.equal(getattr(restored, name), getattr(statistics, name))
+    assert restored.count == statistics.count == 6
+    assert math.isfinite(float(restored.z_score().sum()))
