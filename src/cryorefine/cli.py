@@ -153,5 +153,76 @@ def reconstruct(
     run_guarded(lambda: program.run(load_config(program.ReconstructConfig, config, overrides)))
 
 
+_TEMPLATE_CONFIG_HELP = (
+    "YAML config: Leopard-EM's schema (its YAML runs unchanged) plus cryorefine's "
+    "optional keys. Relative paths are read from the config file's folder."
+)
+
+
+@app.command("match-template")
+def match_template(
+    config: Annotated[Path, typer.Option("--config", help=_TEMPLATE_CONFIG_HELP)],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Particle table (Leopard-EM CSV); the RELION STAR and the resolved "
+            "config go beside it. The maps go where match_template_result says.",
+        ),
+    ] = Path("particles.csv"),
+    resume: Annotated[
+        bool,
+        typer.Option("--continue", help="Resume an interrupted search from its checkpoints."),
+    ] = False,
+) -> None:
+    """2D template matching: search a 3D template over orientations and defocus planes.
+
+    Example: cryorefine match-template --config match.yaml --output particles.csv
+    """
+    from cryorefine.programs import match_template as program
+    from cryorefine.programs.template_config import MatchTemplateConfig, load_template_config
+
+    def job() -> object:
+        settings = load_template_config(MatchTemplateConfig, config)
+        result = program.run(settings, output, resume=resume)
+        typer.echo(
+            f"{len(result.particles)} particles in {len(result.jobs)} micrograph(s), "
+            f"z > {result.threshold:.2f}, {result.seconds:.1f} s -> {result.csv_path}"
+        )
+        return result
+
+    run_guarded(job)
+
+
+@app.command("refine-template")
+def refine_template(
+    config: Annotated[Path, typer.Option("--config", help=_TEMPLATE_CONFIG_HELP)],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Refined table (Leopard-EM CSV); STAR and config beside it."
+        ),
+    ] = Path("refined.csv"),
+) -> None:
+    """Refine each particle's orientation, defocus, pixel size and position locally.
+
+    Example: cryorefine refine-template --config refine.yaml --output refined.csv
+    """
+    from cryorefine.programs import refine_template as program
+    from cryorefine.programs.template_config import RefineTemplateConfig, load_template_config
+
+    def job() -> object:
+        settings = load_template_config(RefineTemplateConfig, config)
+        result = program.run(settings, output)
+        typer.echo(
+            f"refined {len(result.particles)} particles, {result.seconds:.1f} s -> "
+            f"{result.csv_path}"
+        )
+        return result
+
+    run_guarded(job)
+
+
 def main() -> None:
     app(args=sys.argv[1:], prog_name="cryorefine")

@@ -136,7 +136,7 @@ def prepare_for_projection(
 
 
 def central_slice_points(
-    rotations: torch.Tensor, box_size: int, padded_size: int
+    rotations: torch.Tensor, box_size: int, padded_size: int, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where the samples of D × D half-transform slices lie in the interpolation layout.
 
@@ -144,6 +144,9 @@ def central_slice_points(
         rotations: (B, 3, 3) matrices A; the slice of view A holds V̂(Aᵀ · (kx, ky, 0)).
         box_size: D of the images.
         padded_size: Np of the volume's padded box.
+        scale: image frequency → volume frequency factor: a projection whose pixels
+            are 1/scale of the volume's voxels (pixel-size refinement) reads the
+            volume at scale · k.
 
     Returns:
         points: (B, S, 3) coordinates (x, y, z) in index units of the interpolation
@@ -151,10 +154,11 @@ def central_slice_points(
             image's half transform. Samples beyond Nyquist are put at the DC node.
         conjugate: (B, S) bool, True where the sample was read at −k (so the value
             at k is the conjugate of the one interpolated at `points`).
-        inside: (S,) bool, False for samples beyond Nyquist (|k| > 0.5 cycles/pixel).
+        inside: (S,) bool, False for samples beyond the volume's Nyquist
+            (|scale · k| > 0.5 cycles/voxel).
     """
     k = frequency_grid((box_size, box_size), rfft=True, device=rotations.device)
-    k = k.to(rotations.dtype).reshape(-1, 2)
+    k = scale * k.to(rotations.dtype).reshape(-1, 2)
     inside = torch.linalg.vector_norm(k, dim=-1) <= 0.5
     k = k * inside[:, None]
     # Aᵀ · (kx, ky, 0) = kx · A[0, :] + ky · A[1, :], in padded-grid units.
@@ -201,7 +205,10 @@ def rotations_per_chunk(samples_per_rotation: int, points_per_chunk: int | None 
 
 
 def extract_slices(
-    prepared: PreparedVolume, rotations: torch.Tensor, points_per_chunk: int | None = None
+    prepared: PreparedVolume,
+    rotations: torch.Tensor,
+    points_per_chunk: int | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """Central slices of a prepared volume: centred half transforms of its projections.
 
@@ -210,6 +217,7 @@ def extract_slices(
         rotations: (..., 3, 3) matrices A (engine.so3.euler_to_matrix).
         points_per_chunk: interpolation points per chunk (memory bound); None for
             DEFAULT_POINTS_PER_CHUNK. The result does not depend on it.
+        scale: volume voxel size / image pixel size (see `central_slice_points`).
 
     Returns:
         complex (..., D, D//2 + 1): engine.fourier.centred_rfftn of the projections.
@@ -226,7 +234,9 @@ def extract_slices(
     step = rotations_per_chunk(samples, points_per_chunk)
     for start in range(0, flat_rotations.shape[0], step):
         chunk = flat_rotations[start : start + step]
-        points, conjugate, inside = central_slice_points(chunk, box_size, prepared.padded_size)
+        points, conjugate, inside = central_slice_points(
+            chunk, box_size, prepared.padded_size, scale
+        )
         values = torch.zeros_like(out[start : start + step])
         for index, weight in trilinear_stencil(points, grid_shape):
             values += weight * flat_spectrum[index]

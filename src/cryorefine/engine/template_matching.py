@@ -143,6 +143,7 @@ def prepare_planes(
     image_filter: torch.Tensor,
     plane_filters: torch.Tensor,
     template_size: int,
+    normalise: bool = True,
 ) -> SearchPlanes:
     """The micrograph side of a search.
 
@@ -153,6 +154,9 @@ def prepare_planes(
         plane_filters: real (P, H, W // 2 + 1) template-side filters G_d (image filter ·
             CTF of plane d, with the template's contrast sign), rfft layout.
         template_size: D, the projections' box.
+        normalise: filter and normalise the image (a whole micrograph); False for a
+            box already cut from a normalised, filtered micrograph, so that its
+            scores stay on the micrograph's scale (refinement).
 
     Returns:
         SearchPlanes on the image's device.
@@ -166,8 +170,9 @@ def prepare_planes(
         )
     plane_filters = hermitian_consistent(plane_filters.float())
     plane_filters[..., 0, 0] = 0.0  # zero-mean templates
-    normalised = normalised_filtered_image(image, image_filter)
-    image_ft = torch.fft.rfftn(normalised)
+    if normalise:
+        image = normalised_filtered_image(image, image_filter)
+    image_ft = torch.fft.rfftn(image.float())
     ramp = centring_ramp((height, width), template_size // 2, device=image.device)
     spectra = image_ft * ramp * plane_filters
     return SearchPlanes(
@@ -176,6 +181,26 @@ def prepare_planes(
         image_shape=(height, width),
         template_size=template_size,
     )
+
+
+def extract_boxes(image: torch.Tensor, centres_yx: torch.Tensor, box_size: int) -> torch.Tensor:
+    """Square boxes of an image centred on given pixels, zero beyond the image's edge.
+
+    Args:
+        image: real (H, W).
+        centres_yx: int (n, 2) pixel (y, x) of each box's centre (index box_size // 2).
+        box_size: B.
+
+    Returns:
+        real (n, B, B).
+    """
+    margin = box_size
+    padded = torch.nn.functional.pad(image[None, None], (margin,) * 4)[0, 0]
+    corners = centres_yx.long().cpu() - box_size // 2 + margin
+    boxes = [padded[y : y + box_size, x : x + box_size] for y, x in corners.tolist()]
+    if not boxes:
+        return image.new_zeros((0, box_size, box_size))
+    return torch.stack(boxes)
 
 
 def projections_from_slices(slices: torch.Tensor) -> torch.Tensor:
