@@ -18,7 +18,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cryorefine simulate --output demo_output --overwrite
+	$(VENV)/bin/cryorefine demo --output demo_output --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

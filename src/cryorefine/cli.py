@@ -224,5 +224,35 @@ def refine_template(
     run_guarded(job)
 
 
+@app.command("demo")
+def demo(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Write into a non-empty folder.")
+    ] = False,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    n_particles: Annotated[
+        int | None, typer.Option("--n-particles", help="Particles in the micrograph.")
+    ] = None,
+    snr: Annotated[float | None, typer.Option("--snr", help="Particle SNR.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config.")] = None,
+) -> None:
+    """Simulate a micrograph of a real structure, match and refine it, compare with the truth.
+
+    Example: cryorefine demo --output demo_output
+    """
+    from cryorefine.config import load_config
+    from cryorefine.programs import demo as program
+
+    overrides = {
+        "output": output,
+        "overwrite": overwrite or None,
+        "seed": seed,
+        "n_particles": n_particles,
+        "snr": snr,
+    }
+    run_guarded(lambda: program.run(load_config(program.DemoConfig, config, overrides)))
+
+
 def main() -> None:
     app(args=sys.argv[1:], prog_name="cryorefine")
