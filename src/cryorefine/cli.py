@@ -224,6 +224,32 @@ def refine_template(
     run_guarded(job)
 
 
+@app.command("optimize-template")
+def optimize_template(
+    config: Annotated[Path, typer.Option("--config", help=_TEMPLATE_CONFIG_HELP)],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Pixel size vs mean SNR (CSV); .report.yaml beside it."
+        ),
+    ] = Path("optimize.csv"),
+) -> None:
+    """Find the template pixel size that maximises the particles' mean SNR (coarse, then fine).
+
+    Example: cryorefine optimize-template --config optimize.yaml --output optimize.csv
+    """
+    from cryorefine.programs import optimize_template as program
+    from cryorefine.programs.template_config import OptimizeTemplateConfig, load_template_config
+
+    def job() -> object:
+        settings = load_template_config(OptimizeTemplateConfig, config)
+        result = program.run(settings, output)
+        typer.echo(f"best template pixel size {result.best_pixel_size:.4f} Å -> {result.csv_path}")
+        return result
+
+    run_guarded(job)
+
+
 @app.command("demo")
 def demo(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")] = None,

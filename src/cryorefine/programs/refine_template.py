@@ -39,9 +39,9 @@ from cryorefine.io.mrc import read_mrc
 from cryorefine.io.particles import require_columns
 from cryorefine.io.star import write_star_particles
 from cryorefine.programs.match_template import check_pixel_size, read_micrograph_file
-from cryorefine.programs.template_config import RefineTemplateConfig
+from cryorefine.programs.template_config import PreprocessingFilters, RefineTemplateConfig
 
-_NEEDED = [
+REQUIRED_COLUMNS = [
     "rlnMicrographName",
     "rlnCoordinateX",
     "rlnCoordinateY",
@@ -69,7 +69,7 @@ class RefineResult:
     seconds: float
 
 
-def _start_values(table: pd.DataFrame) -> pd.DataFrame:
+def start_values(table: pd.DataFrame) -> pd.DataFrame:
     """Where to start: refined values of an earlier refinement when present."""
     start = table.copy()
     pairs = {
@@ -109,7 +109,7 @@ def run(
     box_size = int(stack.extracted_box_size[0])
     template_size = int(stack.original_template_size[0])
     table = read_leopard_csv(stack.df_path, template_size=template_size)
-    require_columns(table, _NEEDED, stack.df_path, "refining particles")
+    require_columns(table, REQUIRED_COLUMNS, stack.df_path, "refining particles")
     for path in (csv_path, star_path):
         refuse_overwrite(path, False)
 
@@ -132,39 +132,24 @@ def run(
     pixel_offsets = config.pixel_size_refinement_config.pixel_size_values().double()
     sign = -1.0 if config.particle_contrast == "dark" else 1.0
 
-    start = _start_values(table)
+    start = start_values(table)
     refined = table.copy()
     n_correlations = 0
     for name, rows in start.groupby("rlnMicrographName", sort=False).groups.items():
         group = start.loc[rows]
         pixel_size = float(group["rlnMicrographPixelSize"].iloc[0])
         check_pixel_size(voxel_size, pixel_size, template_path)
-        micrograph = read_micrograph_file(_micrograph_path(str(name), stack.df_path)).to(device)
-        shape = (micrograph.shape[-2], micrograph.shape[-1])
-        full_filter = config.preprocessing_filters.combined_filter(micrograph, shape)
-        filtered = normalised_filtered_image(micrograph, full_filter.to(device))
-        box_filter = config.preprocessing_filters.combined_filter(micrograph, (box_size, box_size))
-        box_filter = box_filter.to(device=device, dtype=torch.float32)
+        path = micrograph_path(str(name), stack.df_path)
+        filtered, box_filter = filtered_micrograph(
+            config.preprocessing_filters, path, box_size, device
+        )
         mean_map = _map(table, "crfCorrelationMeanMapName", rows)
         std_map = _map(table, "crfCorrelationStdMapName", rows)
-        centres = torch.tensor(
-            np.stack([group["rlnCoordinateY"], group["rlnCoordinateX"]], axis=1).round(),
-            dtype=torch.int64,
-        )
+        centres = pixel_centres(group)
         boxes = extract_boxes(filtered, centres, box_size)
         for i, row_index in enumerate(rows):
             row = group.loc[row_index]
-            relative = float(row.get(p.RELATIVE_DEFOCUS, 0.0) or 0.0)
-            ctf = CtfParameters(
-                defocus_u_angstrom=float(row["rlnDefocusU"]) - relative,
-                defocus_v_angstrom=float(row["rlnDefocusV"]) - relative,
-                astigmatism_angle_degrees=float(row["rlnDefocusAngle"]),
-                voltage_kv=float(row["rlnVoltage"]),
-                spherical_aberration_mm=float(row["rlnSphericalAberration"]),
-                amplitude_contrast=float(row["rlnAmplitudeContrast"]),
-                phase_shift_degrees=float(row.get("rlnPhaseShift", 0.0) or 0.0),
-                b_factor_angstrom2=float(row.get("rlnCtfBfactor", 0.0) or 0.0),
-            )
+            ctf, relative = particle_ctf(row)
             defoci = relative + defocus_offsets
             pixel_sizes = [pixel_size + float(d) for d in pixel_offsets]
             filters = [
@@ -215,6 +200,40 @@ def run(
     )
 
 
-def _micrograph_path(name: str, table_path: Path | str) -> Path:
+def particle_ctf(row: pd.Series) -> tuple[CtfParameters, float]:
+    """A particle's micrograph CTF (defocus without its relative defocus) and that offset (Å)."""
+    relative = float(row.get(p.RELATIVE_DEFOCUS, 0.0) or 0.0)
+    ctf = CtfParameters(
+        defocus_u_angstrom=float(row["rlnDefocusU"]) - relative,
+        defocus_v_angstrom=float(row["rlnDefocusV"]) - relative,
+        astigmatism_angle_degrees=float(row["rlnDefocusAngle"]),
+        voltage_kv=float(row["rlnVoltage"]),
+        spherical_aberration_mm=float(row["rlnSphericalAberration"]),
+        amplitude_contrast=float(row["rlnAmplitudeContrast"]),
+        phase_shift_degrees=float(row.get("rlnPhaseShift", 0.0) or 0.0),
+        b_factor_angstrom2=float(row.get("rlnCtfBfactor", 0.0) or 0.0),
+    )
+    return ctf, relative
+
+
+def filtered_micrograph(
+    filters: PreprocessingFilters, path: Path, box_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The filtered, normalised micrograph (H, W) and the image filter on a box's grid."""
+    micrograph = read_micrograph_file(path).to(device)
+    shape = (micrograph.shape[-2], micrograph.shape[-1])
+    filtered = normalised_filtered_image(micrograph, filters.combined_filter(micrograph, shape))
+    box_filter = filters.combined_filter(micrograph, (box_size, box_size))
+    return filtered, box_filter.to(device=device, dtype=torch.float32)
+
+
+def pixel_centres(table: pd.DataFrame) -> torch.Tensor:
+    """int64 (n, 2) pixel (y, x) nearest to each particle's centre."""
+    centres = np.stack([table["rlnCoordinateY"], table["rlnCoordinateX"]], axis=1).round()
+    return torch.tensor(centres, dtype=torch.int64)
+
+
+def micrograph_path(name: str, table_path: Path | str) -> Path:
+    """A micrograph named in a table: as given, else relative to the table's folder."""
     path = Path(name)
     return path if path.is_absolute() or path.exists() else Path(table_path).parent / path
