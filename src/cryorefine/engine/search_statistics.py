@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+#: Maps summed in float32 before their sums join the float64 totals.
+FLUSH_EVERY = 64
+
 
 @dataclass
 class SearchStatistics:
@@ -35,6 +38,12 @@ class SearchStatistics:
     total: torch.Tensor
     total_squares: torch.Tensor
     count: int = 0
+    # Up to FLUSH_EVERY maps are summed in float32 before joining the float64 sums:
+    # a float64 read-modify-write of two full maps per batch otherwise costs as
+    # much as the inverse FFT that made the batch.
+    partial_total: torch.Tensor | None = None
+    partial_squares: torch.Tensor | None = None
+    pending: int = 0
 
     @classmethod
     def empty(
@@ -70,17 +79,34 @@ class SearchStatistics:
             batch_argmax = correlations[:, where[0], where[1]].argmax(dim=0)
             self.best_index[where] = batch_argmax + first_index
             self.mip = torch.maximum(self.mip, batch_max)
-        # Batch sums in float32 (a few terms), the running sums in float64 (many).
-        self.total += correlations.sum(dim=0)
-        self.total_squares += correlations.square().sum(dim=0)
+        if self.partial_total is None or self.partial_squares is None:
+            self.partial_total = torch.zeros_like(self.mip)
+            self.partial_squares = torch.zeros_like(self.mip)
+        for correlation in correlations:
+            self.partial_total.add_(correlation)
+            self.partial_squares.addcmul_(correlation, correlation)
+        self.pending += correlations.shape[0]
         self.count += correlations.shape[0]
+        if self.pending >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Move the float32 partial sums into the float64 running sums."""
+        if self.partial_total is not None and self.partial_squares is not None and self.pending:
+            self.total += self.partial_total
+            self.total_squares += self.partial_squares
+            self.partial_total.zero_()
+            self.partial_squares.zero_()
+        self.pending = 0
 
     def mean(self) -> torch.Tensor:
         """float32 (H, W) mean correlation over the search."""
+        self.flush()
         return (self.total / max(self.count, 1)).float()
 
     def std(self) -> torch.Tensor:
         """float32 (H, W) standard deviation (population) of the correlation over the search."""
+        self.flush()
         n = max(self.count, 1)
         mean = self.total / n
         variance = (self.total_squares / n - mean.square()).clamp(min=0.0)
@@ -94,6 +120,7 @@ class SearchStatistics:
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         """Everything needed to continue the search later (tensors on the CPU)."""
+        self.flush()
         return {
             "mip": self.mip.cpu(),
             "best_index": self.best_index.cpu(),
