@@ -110,3 +110,57 @@ def test_refined_z_score_is_normalised_by_the_search_statistics(refined) -> None
     # can only grow with the score (no division by √std, as Leopard-EM 1.3.0 does).
     assert (table["crfRefinedMip"] >= table["crfMip"] - 0.3).all()
     assert (table["crfRefinedZScore"] >= table["crfZScore"] - 0.3).all()
+
+
+def test_pixel_size_refinement_finds_the_true_sampling(tmp_path: Path) -> None:
+    """Data recorded at 2.56 Å/px while the header and template say 2.5: refine finds +0.06."""
+    from cryorefine.io.leopard import write_leopard_csv
+    from cryorefine.io.mrc import write_mrc
+    from cryorefine.simulate.atoms import (
+        builtin_structure_path,
+        potential_from_atoms,
+        read_atomic_model,
+    )
+    from cryorefine.simulate.micrograph import simulate_micrograph
+    from template_data import DEFOCUS, PIXEL_SIZE, template_volume
+
+    true_pixel = 2.56
+    model = read_atomic_model(builtin_structure_path())
+    physical = potential_from_atoms(model, TEMPLATE_SIZE, true_pixel)
+    micrograph = simulate_micrograph(
+        physical, true_pixel, (256, 256), n_particles=4, snr=1.0, defocus_u_angstrom=DEFOCUS,
+        invert_contrast=True, min_distance_px=1.2 * TEMPLATE_SIZE, seed=21,
+    )  # fmt: skip
+    write_mrc(tmp_path / "micrograph.mrc", micrograph.image, PIXEL_SIZE)
+    write_mrc(tmp_path / "template.mrc", template_volume(), PIXEL_SIZE)
+    table = micrograph.particles.assign(
+        rlnMicrographName="micrograph.mrc", rlnMicrographPixelSize=PIXEL_SIZE
+    )
+    table["rlnCoordinateX"] = table["rlnCoordinateX"].round()
+    table["rlnCoordinateY"] = table["rlnCoordinateY"].round()
+    write_leopard_csv(tmp_path / "particles.csv", table, template_size=TEMPLATE_SIZE)
+    refine = {
+        "template_volume_path": "template.mrc",
+        "particle_stack": {
+            "df_path": "particles.csv",
+            "extracted_box_size": [TEMPLATE_SIZE + 16, TEMPLATE_SIZE + 16],
+            "original_template_size": [TEMPLATE_SIZE, TEMPLATE_SIZE],
+        },
+        "defocus_refinement_config": {"enabled": False},
+        "pixel_size_refinement_config": {
+            "enabled": True,
+            "pixel_size_min": -0.1,
+            "pixel_size_max": 0.15,
+            "pixel_size_step": 0.02,
+        },  # fmt: skip
+        "orientation_refinement_config": {"enabled": False},
+        "preprocessing_filters": {"whitening_filter": {"enabled": True}},
+        "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
+    }
+    path = write_yaml(tmp_path / "refine.yaml", refine)
+    out = tmp_path / "refined.csv"
+    result = runner.invoke(app, ["refine-template", "--config", str(path), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    refined = read_leopard_csv(out)
+    # The median over particles is within one step (0.02 Å) of the truth.
+    assert float(refined["crfRefinedPixelSize"].median()) == pytest.approx(true_pixel, abs=0.021)
