@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,8 +12,23 @@ from typer.testing import CliRunner
 
 from cryorefine.cli import app
 from cryorefine.engine.so3 import angular_distance, euler_to_matrix
-from cryorefine.io.leopard import read_leopard_csv
-from template_data import TEMPLATE_SIZE, match_config, write_dataset, write_yaml
+from cryorefine.io.leopard import read_leopard_csv, write_leopard_csv
+from cryorefine.io.mrc import write_mrc
+from cryorefine.simulate.atoms import (
+    builtin_structure_path,
+    potential_from_atoms,
+    read_atomic_model,
+)
+from cryorefine.simulate.micrograph import simulate_micrograph
+from template_data import (
+    DEFOCUS,
+    PIXEL_SIZE,
+    TEMPLATE_SIZE,
+    match_config,
+    template_volume,
+    write_dataset,
+    write_yaml,
+)
 
 runner = CliRunner()
 
@@ -114,15 +131,6 @@ def test_refined_z_score_is_normalised_by_the_search_statistics(refined) -> None
 
 def test_pixel_size_refinement_finds_the_true_sampling(tmp_path: Path) -> None:
     """Data recorded at 2.56 Å/px while the header and template say 2.5: refine finds +0.06."""
-    from cryorefine.io.leopard import write_leopard_csv
-    from cryorefine.io.mrc import write_mrc
-    from cryorefine.simulate.atoms import (
-        builtin_structure_path,
-        potential_from_atoms,
-        read_atomic_model,
-    )
-    from cryorefine.simulate.micrograph import simulate_micrograph
-    from template_data import DEFOCUS, PIXEL_SIZE, template_volume
 
     true_pixel = 2.56
     model = read_atomic_model(builtin_structure_path())
@@ -152,7 +160,7 @@ def test_pixel_size_refinement_finds_the_true_sampling(tmp_path: Path) -> None:
             "pixel_size_min": -0.1,
             "pixel_size_max": 0.15,
             "pixel_size_step": 0.02,
-        },  # fmt: skip
+        },
         "orientation_refinement_config": {"enabled": False},
         "preprocessing_filters": {"whitening_filter": {"enabled": True}},
         "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
