@@ -214,3 +214,18 @@ def test_defocus_refinement_is_unbiased_without_noise(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     refined = read_leopard_csv(out)
     np.testing.assert_array_equal(refined["crfRefinedRelativeDefocus"].to_numpy(), 0.0)
+
+
+def test_leopard_valid_crops_are_laid_back_at_the_particle_centres(tmp_path: Path) -> None:
+    """Leopard-EM's maps are (H − D + 1)² crops indexed by the top-left corner."""
+    from cryorefine.programs.refine_template import _map
+
+    full = np.zeros((40, 50), np.float32)
+    full[10:31, 10:41] = np.arange(21 * 31, dtype=np.float32).reshape(21, 31) + 1
+    write_mrc(tmp_path / "ours.mrc", full, 1.0)
+    write_mrc(tmp_path / "leopard.mrc", full[10:31, 10:41], 1.0)  # D = 20: crop from D // 2
+    for name in ("ours.mrc", "leopard.mrc"):
+        table = pd.DataFrame({"crfCorrelationStdMapName": [str(tmp_path / name)]})
+        restored = _map(table, "crfCorrelationStdMapName", table.index, (40, 50), 20)
+        assert restored is not None
+        np.testing.assert_array_equal(restored.numpy(), full)

@@ -87,14 +87,34 @@ def start_values(table: pd.DataFrame) -> pd.DataFrame:
     return start
 
 
-def _map(table: pd.DataFrame, column: str, rows: pd.Index) -> torch.Tensor | None:
-    """A match-template map named in the table, if it is still there."""
+def _map(
+    table: pd.DataFrame,
+    column: str,
+    rows: pd.Index,
+    image_shape: tuple[int, int],
+    template_size: int,
+) -> torch.Tensor | None:
+    """A search map named in the table, as a full-size map indexed by particle centre.
+
+    cryorefine's maps are already that; Leopard-EM's are "valid"-mode crops of shape
+    (H − D + 1, W − D + 1) indexed by the template's top-left corner, so they are
+    laid back at offset D // 2 (0 outside). Missing or other-shaped maps give None.
+    """
     if column not in table.columns:
         return None
     name = table.loc[rows[0], column]
     if not isinstance(name, str) or not Path(name).exists():
         return None
-    return torch.from_numpy(read_mrc(name)[0])
+    values = torch.from_numpy(read_mrc(name)[0])
+    height, width = image_shape
+    if values.shape == (height, width):
+        return values
+    if values.shape == (height - template_size + 1, width - template_size + 1):
+        full = values.new_zeros(image_shape)
+        start = template_size // 2
+        full[start : start + values.shape[0], start : start + values.shape[1]] = values
+        return full
+    return None
 
 
 def run(
@@ -143,8 +163,9 @@ def run(
         filtered, box_filter = filtered_micrograph(
             config.preprocessing_filters, path, box_size, device
         )
-        mean_map = _map(table, "crfCorrelationMeanMapName", rows)
-        std_map = _map(table, "crfCorrelationStdMapName", rows)
+        image_shape = (filtered.shape[-2], filtered.shape[-1])
+        mean_map = _map(table, "crfCorrelationMeanMapName", rows, image_shape, template_size)
+        std_map = _map(table, "crfCorrelationStdMapName", rows, image_shape, template_size)
         centres = pixel_centres(group)
         boxes = extract_boxes(filtered, centres, box_size)
         for i, row_index in enumerate(rows):
