@@ -66,7 +66,7 @@ class SearchStatistics:
         # A max with indices over the batch axis is ~10× slower than amax on a CPU,
         # so indices are found only where the maximum improved: everywhere early
         # in a search, at few pixels later.
-        batch_max = correlations.amax(dim=0)
+        batch_max = correlations[0] if len(correlations) == 1 else correlations.amax(dim=0)
         better = batch_max > self.mip
         n_better = int(torch.count_nonzero(better))  # 10× faster than a bool sum
         if n_better > better.numel() // 8:
@@ -112,11 +112,17 @@ class SearchStatistics:
         variance = (self.total_squares / n - mean.square()).clamp(min=0.0)
         return variance.sqrt().float()
 
-    def z_score(self) -> torch.Tensor:
-        """float32 (H, W) (MIP − mean) / std: the MIP in units of the pixel's own noise."""
-        std = self.std()
+    def z_score(
+        self, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float32 (H, W) (MIP − mean) / std: the MIP in units of the pixel's own noise.
+
+        `mean` and `std` may be passed when already computed (whole micrographs).
+        """
+        mean = self.mean() if mean is None else mean
+        std = self.std() if std is None else std
         tiny = torch.finfo(std.dtype).tiny
-        return torch.where(std > 0, (self.mip - self.mean()) / std.clamp(min=tiny), 0.0)
+        return torch.where(std > 0, (self.mip - mean) / std.clamp(min=tiny), 0.0)
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         """Everything needed to continue the search later (tensors on the CPU)."""

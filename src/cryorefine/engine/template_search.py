@@ -100,14 +100,17 @@ def decode_maps(
     angles = orientations_degrees.to(statistics.mip.device, torch.float32)[orientation]
     defocus = relative_defoci.to(statistics.mip.device, torch.float32)[plane]
 
+    mean, std = statistics.mean(), statistics.std()
+    z_score = statistics.z_score(mean, std)
+
     def masked(values: torch.Tensor) -> torch.Tensor:
         return torch.where(valid, values.float(), 0.0)
 
     return SearchMaps(
         mip=masked(statistics.mip),
-        z_score=masked(statistics.z_score()),
-        mean=masked(statistics.mean()),
-        std=masked(statistics.std()),
+        z_score=masked(z_score),
+        mean=masked(mean),
+        std=masked(std),
         rot=masked(angles[..., 0]),
         tilt=masked(angles[..., 1]),
         psi=masked(angles[..., 2]),
