@@ -46,9 +46,12 @@ def _direct_scores(
     return cross_correlate(normalised, filtered) / filtered.norm()
 
 
-def test_scores_equal_the_direct_filtered_correlation(device: torch.device) -> None:
+@pytest.mark.parametrize("image_shape", [(96, 80), (36, 40)])  # norms by lags / directly
+def test_scores_equal_the_direct_filtered_correlation(
+    device: torch.device, image_shape: tuple[int, int]
+) -> None:
     generator = torch.Generator().manual_seed(1)
-    image = torch.randn(96, 80, generator=generator).cumsum(-1).to(device)  # coloured
+    image = torch.randn(*image_shape, generator=generator).cumsum(-1).to(device)  # coloured
     projections = torch.randn(3, 16, 16, generator=generator).to(device)
     image_filter, plane_filters = _filters(image, 2)
     planes = prepare_planes(image, image_filter, plane_filters, 16)
@@ -58,19 +61,21 @@ def test_scores_equal_the_direct_filtered_correlation(device: torch.device) -> N
             torch.testing.assert_close(scores[b].double(), direct, atol=2e-4, rtol=0)
 
 
-def test_norms_by_autocorrelation_equal_parseval(device: torch.device) -> None:
+@pytest.mark.parametrize("size", [64, 36])  # autocorrelation lags / the image's own grid
+def test_norms_equal_parseval(device: torch.device, size: int) -> None:
     generator = torch.Generator().manual_seed(2)
-    image = torch.randn(64, 64, generator=generator).to(device)
+    image = torch.randn(size, size, generator=generator).to(device)
     projections = torch.randn(4, 20, 20, generator=generator).to(device)
     image_filter, plane_filters = _filters(image, 3)
     planes = prepare_planes(image, image_filter, plane_filters, 20)
+    assert (planes.norm_weights is None) == (size == 64)
     norms = projection_norms(planes, projections)
     for b in range(4):
         for d in range(3):
             g = hermitian_consistent(plane_filters[d].double())
             g[0, 0] = 0.0
-            spectrum = torch.fft.rfftn(projections[b].double(), s=(64, 64)) * g
-            expected = torch.fft.irfftn(spectrum, s=(64, 64)).norm()
+            spectrum = torch.fft.rfftn(projections[b].double(), s=(size, size)) * g
+            expected = torch.fft.irfftn(spectrum, s=(size, size)).norm()
             assert norms[b, d].item() == pytest.approx(expected.item(), rel=1e-4)
 
 

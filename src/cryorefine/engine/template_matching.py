@@ -39,13 +39,17 @@ class SearchPlanes:
 
     Attributes:
         spectra: complex (P, H, W // 2 + 1) S_d = M̂ · G_d · e.
-        norm_kernels: real (P, 2D, 2D) κ_d on the autocorrelation lag layout.
+        norm_kernels: real (P, 2D, 2D) κ_d on the autocorrelation lag layout, for
+            images larger than the lag grid; else None and
+        norm_weights: real (P, H · (W // 2 + 1)) weights w_k G_d(k)² / (H W) of
+            Parseval's sum on the image's own half grid (boxes in refinement).
         image_shape: (H, W).
         template_size: D.
     """
 
     spectra: torch.Tensor
-    norm_kernels: torch.Tensor
+    norm_kernels: torch.Tensor | None
+    norm_weights: torch.Tensor | None
     image_shape: tuple[int, int]
     template_size: int
 
@@ -138,6 +142,26 @@ def norm_kernels(template_filters: torch.Tensor, template_size: int) -> torch.Te
     return kernel.float()
 
 
+def parseval_weights(template_filters: torch.Tensor) -> torch.Tensor:
+    """w_k G_d(k)² / (H W) on the half grid: ‖irfft2(G_d · P̂)‖² = Σ_k weights · |P̂(k)|².
+
+    w_k = 2 for the columns standing for k and −k, 1 for k_x = 0 and k_x = W / 2.
+
+    Args:
+        template_filters: real (P, H, W // 2 + 1), Hermitian-consistent.
+
+    Returns:
+        real (P, H · (W // 2 + 1)) float32.
+    """
+    height, half = template_filters.shape[-2:]
+    width = 2 * (half - 1)
+    multiplicity = torch.full((half,), 2.0, device=template_filters.device)
+    multiplicity[0] = 1.0
+    multiplicity[-1] = 1.0  # the Nyquist column of an even W
+    weights = multiplicity * template_filters.double().square() / (height * width)
+    return weights.flatten(-2).float()
+
+
 def prepare_planes(
     image: torch.Tensor,
     image_filter: torch.Tensor,
@@ -175,9 +199,13 @@ def prepare_planes(
     image_ft = torch.fft.rfftn(image.float())
     ramp = centring_ramp((height, width), template_size // 2, device=image.device)
     spectra = image_ft * ramp * plane_filters
+    # Parseval on whichever grid is smaller: the image's half grid (a box) or the
+    # (2D)² lags of the projection's autocorrelation (a whole micrograph).
+    direct = height * (width // 2 + 1) <= (2 * template_size) ** 2
     return SearchPlanes(
         spectra=spectra,
-        norm_kernels=norm_kernels(plane_filters, template_size),
+        norm_kernels=None if direct else norm_kernels(plane_filters, template_size),
+        norm_weights=parseval_weights(plane_filters) if direct else None,
         image_shape=(height, width),
         template_size=template_size,
     )
@@ -237,14 +265,28 @@ def autocorrelations(projections: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfftn(power, s=(2 * size, 2 * size), dim=(-2, -1))
 
 
-def projection_norms(planes: SearchPlanes, projections: torch.Tensor) -> torch.Tensor:
+def projection_norms(
+    planes: SearchPlanes, projections: torch.Tensor, transforms: torch.Tensor | None = None
+) -> torch.Tensor:
     """‖f_{b,d}‖: norm of projection b after the template filter of plane d.
+
+    Args:
+        planes: from `prepare_planes`.
+        projections: real (B, D, D).
+        transforms: their `projection_transforms`, if already computed.
 
     Returns:
         real (B, P) float32 (> 0 unless the filtered projection is blank).
     """
-    lags = autocorrelations(projections).flatten(-2).float()
-    squared = lags @ planes.norm_kernels.flatten(-2).T
+    if planes.norm_weights is not None:
+        if transforms is None:
+            transforms = projection_transforms(projections, planes.image_shape)
+        power = (transforms.real.square() + transforms.imag.square()).flatten(-2)
+        squared = power @ planes.norm_weights.T
+    else:
+        assert planes.norm_kernels is not None
+        lags = autocorrelations(projections).flatten(-2).float()
+        squared = lags @ planes.norm_kernels.flatten(-2).T
     return squared.clamp(min=0.0).sqrt()
 
 
@@ -264,8 +306,9 @@ def correlate_planes(
     """
     projections = projections.float()
     # Resolved once here, the conjugate costs one pass instead of one per plane.
-    conjugate = projection_transforms(projections, planes.image_shape).conj().resolve_conj()
-    norms = projection_norms(planes, projections)
+    transforms = projection_transforms(projections, planes.image_shape)
+    conjugate = transforms.conj().resolve_conj()
+    norms = projection_norms(planes, projections, transforms)
     tiny = torch.finfo(norms.dtype).tiny
     inverse_norms = torch.where(norms > 0, 1.0 / norms.clamp(min=tiny), 0.0)
     for plane in range(planes.n_planes):
