@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from cryorefine.io.mrc import write_mrc
+from cryorefine.programs.demo import leopard_match_yaml
 from cryorefine.simulate.atoms import (
     builtin_structure_path,
     potential_from_atoms,
@@ -57,50 +58,13 @@ def write_dataset(
 
 
 def match_config(folder: Path, **changes: Any) -> dict[str, Any]:
-    """A Leopard-EM match_template YAML (as a dict) for `write_dataset`'s files."""
-    config: dict[str, Any] = {
-        "template_volume_path": "template.mrc",
-        "micrograph_path": "micrograph.mrc",
-        "match_template_result": {
-            "allow_file_overwrite": True,
-            **{
-                f"{name}_path": f"results/{name}.mrc"
-                for name in (
-                    "mip",
-                    "scaled_mip",
-                    "correlation_average",
-                    "correlation_variance",
-                    "orientation_psi",
-                    "orientation_theta",
-                    "orientation_phi",
-                    "relative_defocus",
-                )
-            },
-        },
-        "optics_group": {
-            "label": "simulated",
-            "pixel_size": PIXEL_SIZE,
-            "voltage": 300.0,
-            "spherical_aberration": 2.7,
-            "amplitude_contrast_ratio": 0.07,
-            "phase_shift": 0.0,
-            "defocus_u": DEFOCUS,
-            "defocus_v": DEFOCUS,
-            "astigmatism_angle": 0.0,
-            "ctf_B_factor": 0.0,
-        },
-        "defocus_search_config": {
-            "enabled": True,
-            "defocus_min": -600.0,
-            "defocus_max": 600.0,
-            "defocus_step": 600.0,
-        },
-        "orientation_search_config": {"psi_step": 15.0, "theta_step": 15.0},
-        "preprocessing_filters": {"whitening_filter": {"enabled": True}},
-        "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
-    }
-    for key, value in changes.items():
-        config[key] = value
+    """A Leopard-EM match_template YAML (as a dict) for `write_dataset`'s files.
+
+    15° steps, defocus planes −600/0/+600 Å, maps in folder/results; `changes`
+    replace top-level keys.
+    """
+    config = leopard_match_yaml(PIXEL_SIZE, DEFOCUS, 15.0, "results", overwrite=True)
+    config.update(changes)
     (folder / "results").mkdir(exist_ok=True)
     return config
 

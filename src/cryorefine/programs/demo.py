@@ -76,29 +76,34 @@ def _check_folder(folder: Path, overwrite: bool) -> None:
         )
 
 
-def _match_yaml(config: DemoConfig) -> dict[str, Any]:
-    maps = (
-        "mip",
-        "scaled_mip",
-        "correlation_average",
-        "correlation_variance",
-        "orientation_psi",
-        "orientation_theta",
-        "orientation_phi",
-        "relative_defocus",
-    )
+def leopard_match_yaml(
+    pixel_size_angstrom: float,
+    defocus_angstrom: float,
+    step_degrees: float,
+    maps_folder: str = "maps",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """A Leopard-EM match_template config (as a dict) for template.mrc and micrograph.mrc.
+
+    300 kV, Cs 2.7 mm, no astigmatism; defocus planes −600, 0, +600 Å; whitening only;
+    the eight maps in `maps_folder`.
+    """
+    maps = {
+        field: f"{maps_folder}/{field.removesuffix('_path')}.mrc"
+        for field in match_template.MAP_FIELDS
+    }
     return {
         "template_volume_path": "template.mrc",
         "micrograph_path": "micrograph.mrc",
         "optics_group": {
             "label": "demo",
-            "pixel_size": config.pixel_size_angstrom,
+            "pixel_size": pixel_size_angstrom,
             "voltage": 300.0,
             "spherical_aberration": 2.7,
             "amplitude_contrast_ratio": 0.07,
             "phase_shift": 0.0,
-            "defocus_u": config.defocus_angstrom,
-            "defocus_v": config.defocus_angstrom,
+            "defocus_u": defocus_angstrom,
+            "defocus_v": defocus_angstrom,
             "astigmatism_angle": 0.0,
             "ctf_B_factor": 0.0,
         },
@@ -108,15 +113,9 @@ def _match_yaml(config: DemoConfig) -> dict[str, Any]:
             "defocus_max": 600.0,
             "defocus_step": 600.0,
         },
-        "orientation_search_config": {
-            "psi_step": config.search_step_degrees,
-            "theta_step": config.search_step_degrees,
-        },
+        "orientation_search_config": {"psi_step": step_degrees, "theta_step": step_degrees},
         "preprocessing_filters": {"whitening_filter": {"enabled": True}},
-        "match_template_result": {
-            "allow_file_overwrite": config.overwrite,
-            **{f"{name}_path": f"maps/{name}.mrc" for name in maps},
-        },
+        "match_template_result": {"allow_file_overwrite": overwrite, **maps},
         "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
     }
 
@@ -226,10 +225,13 @@ def run(config: DemoConfig, console: Console | None = None) -> DemoResult:
     )
     truth = micrograph.particles
     truth.to_csv(folder / "truth.csv", index=False)
-    for name, values in (
-        ("match.yaml", _match_yaml(config)),
-        ("refine.yaml", _refine_yaml(config)),
-    ):
+    match = leopard_match_yaml(
+        config.pixel_size_angstrom,
+        config.defocus_angstrom,
+        config.search_step_degrees,
+        overwrite=config.overwrite,
+    )
+    for name, values in (("match.yaml", match), ("refine.yaml", _refine_yaml(config))):
         (folder / name).write_text(yaml.safe_dump(values, sort_keys=False))
     seconds["simulate"] = time.perf_counter() - started
 
