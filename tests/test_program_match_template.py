@@ -256,3 +256,24 @@ def test_many_micrographs_from_a_star_file_with_their_own_ctf(tmp_path: Path) ->
         assert distance <= 3.0
         # Each particle carries its own micrograph's CTF from the STAR file.
         assert best["rlnDefocusU"] == pytest.approx(rows[index]["rlnDefocusU"].iloc[0])
+
+
+def test_a_bad_micrograph_in_a_star_stops_the_run_before_any_search(tmp_path: Path) -> None:
+    write_mrc(tmp_path / "template.mrc", template_volume(), PIXEL_SIZE)
+    rows = []
+    for index in range(2):
+        name = f"mic_{index}.mrc"
+        image = np.random.default_rng(index).normal(size=(128, 128)).astype(np.float32)
+        if index == 1:
+            image[3, 4] = np.nan
+        write_mrc(tmp_path / name, image, PIXEL_SIZE)
+        rows.append(
+            {"rlnMicrographName": name, "rlnDefocusU": 15000.0, "rlnDefocusV": 15000.0,
+             "rlnDefocusAngle": 0.0, "rlnVoltage": 300.0, "rlnSphericalAberration": 2.7,
+             "rlnAmplitudeContrast": 0.07, "rlnMicrographPixelSize": PIXEL_SIZE}
+        )  # fmt: skip
+    write_star_micrographs(tmp_path / "micrographs.star", pd.DataFrame(rows))
+    config = match_config(tmp_path, micrographs_star="micrographs.star")
+    del config["micrograph_path"], config["optics_group"]
+    _fails(tmp_path, config, "NaN", "mic_1.mrc")
+    assert not any((tmp_path / "results").iterdir())

@@ -487,6 +487,10 @@ def run(
     for job in jobs:
         check_pixel_size(voxel_size, job.pixel_size_angstrom, Path(config.template_volume_path))
         shapes.append(check_micrograph(job, template_size))
+    for job in jobs:
+        # Every micrograph's pixels before any search: reading one costs far less than
+        # searching one, and a bad file fails the run before hours of compute.
+        read_micrograph_file(job.path)
     _check_outputs(jobs, csv_path, star_path, overwrite, resume)
 
     device = config.computational_config.devices()[0]
