@@ -498,15 +498,13 @@ def run(
         # Torch's and the FFT library's thread pools contend on a CPU: one thread
         # per process (num_cpus = 1, Leopard-EM's default) is the most efficient.
         torch.set_num_threads(config.computational_config.num_cpus)
-    orientations = config.orientation_search_config.orientations()
+    orientations = config.orientations()
     relative_defoci = config.defocus_search_config.defocus_values().double()
     rotations = euler_to_matrix(*orientations.unbind(-1)).float().to(device)
     n_orientations, n_planes = int(orientations.shape[0]), int(relative_defoci.shape[0])
     n_correlations = n_orientations * n_planes
     prepared = prepare_for_projection(template.to(device))
-    exclusion_radius = config.peak_exclusion_radius_pixels
-    if exclusion_radius is None:
-        exclusion_radius = template_size / 2
+    exclusion_radius = config.peak_exclusion_radius(template_size)
 
     tables = []
     threshold = float("nan")
