@@ -62,7 +62,8 @@ def refine_in_box(
         batch_size: orientations correlated at once.
 
     Returns:
-        LocalBest; ties keep the earliest candidate (scale, then plane, then rotation).
+        LocalBest; ties keep the first candidate met (scales in order, then rotation
+        batches, then planes, then positions).
     """
     template_size = prepared.box_size
     box_size = box.shape[-1]
