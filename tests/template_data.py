@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import yaml
 
+from cryorefine.io.leopard import write_leopard_csv
 from cryorefine.io.mrc import write_mrc
 from cryorefine.programs.demo import leopard_match_yaml
 from cryorefine.simulate.atoms import (
@@ -67,6 +69,17 @@ def match_config(folder: Path, **changes: Any) -> dict[str, Any]:
     config.update(changes)
     (folder / "results").mkdir(exist_ok=True)
     return config
+
+
+def write_true_particles(folder: Path, particles: pd.DataFrame) -> Path:
+    """folder/particles.csv: the true particles of micrograph.mrc, centres on whole pixels."""
+    table = particles.assign(
+        rlnMicrographName="micrograph.mrc",
+        rlnMicrographPixelSize=PIXEL_SIZE,
+        rlnCoordinateX=particles["rlnCoordinateX"].round(),
+        rlnCoordinateY=particles["rlnCoordinateY"].round(),
+    )
+    return write_leopard_csv(folder / "particles.csv", table, template_size=TEMPLATE_SIZE)
 
 
 def write_yaml(path: Path, config: dict[str, Any]) -> Path:

@@ -10,20 +10,14 @@ import yaml
 from typer.testing import CliRunner
 
 from cryorefine.cli import app
-from cryorefine.io.leopard import write_leopard_csv
 from cryorefine.simulate.atoms import builtin_structure_path
-from template_data import PIXEL_SIZE, TEMPLATE_SIZE, write_dataset, write_yaml
+from template_data import PIXEL_SIZE, TEMPLATE_SIZE, write_dataset, write_true_particles, write_yaml
 
 
 def test_the_true_pixel_size_gives_the_highest_mean_snr(tmp_path: Path) -> None:
     micrograph = write_dataset(tmp_path, n_particles=4, snr=0.3, seed=11)
     # The true poses, positions and defoci: the search is over pixel size only.
-    truth = micrograph.particles.assign(
-        rlnMicrographName="micrograph.mrc", rlnMicrographPixelSize=PIXEL_SIZE
-    )
-    truth["rlnCoordinateX"] = truth["rlnCoordinateX"].round()
-    truth["rlnCoordinateY"] = truth["rlnCoordinateY"].round()
-    write_leopard_csv(tmp_path / "particles.csv", truth, template_size=TEMPLATE_SIZE)
+    write_true_particles(tmp_path, micrograph.particles)
     config = {
         "particle_stack": {
             "df_path": "particles.csv",

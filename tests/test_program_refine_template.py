@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from cryorefine.cli import app
 from cryorefine.engine.so3 import angular_distance, euler_to_matrix
-from cryorefine.io.leopard import read_leopard_csv, write_leopard_csv
+from cryorefine.io.leopard import read_leopard_csv
 from cryorefine.io.mrc import write_mrc
+from cryorefine.programs.demo import leopard_refine_yaml
 from cryorefine.simulate.atoms import (
     builtin_structure_path,
     potential_from_atoms,
@@ -27,10 +28,20 @@ from template_data import (
     match_config,
     template_volume,
     write_dataset,
+    write_true_particles,
     write_yaml,
 )
 
 runner = CliRunner()
+
+
+def _refine(folder: Path, config: dict) -> pd.DataFrame:
+    """Run `cryorefine refine-template` on a config in `folder`; its refined table."""
+    path = write_yaml(folder / "refine.yaml", config)
+    out = folder / "refined.csv"
+    result = runner.invoke(app, ["refine-template", "--config", str(path), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    return read_leopard_csv(out)
 
 
 def _matrices(table: pd.DataFrame, columns: list[str]) -> torch.Tensor:
@@ -49,37 +60,20 @@ def refined(
         app, ["match-template", "--config", str(match), "--output", str(folder / "found.csv")]
     )
     assert result.exit_code == 0, result.output
-    refine = {
-        "template_volume_path": "template.mrc",
-        "particle_stack": {
-            "df_path": "found.csv",
-            "extracted_box_size": [96, 96],
-            "original_template_size": [TEMPLATE_SIZE, TEMPLATE_SIZE],
-        },
-        "defocus_refinement_config": {
-            "enabled": True,
-            "defocus_min": -900,
-            "defocus_max": 900,
-            "defocus_step": 100,
-        },
-        "pixel_size_refinement_config": {"enabled": False},
-        "orientation_refinement_config": {
-            "enabled": True,
+    refine = leopard_refine_yaml(
+        "found.csv",
+        TEMPLATE_SIZE,
+        96,
+        defocus={"defocus_min": -900, "defocus_max": 900, "defocus_step": 100},
+        orientation={
             "theta_step_coarse": 9.0,
             "theta_step_fine": 1.5,
             "psi_step_coarse": 9.0,
             "psi_step_fine": 1.5,
         },
-        "preprocessing_filters": {"whitening_filter": {"enabled": True}},
-        "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
-    }
-    path = write_yaml(folder / "refine.yaml", refine)
-    result = runner.invoke(
-        app, ["refine-template", "--config", str(path), "--output", str(folder / "refined.csv")]
     )
-    assert result.exit_code == 0, result.output
-    found = read_leopard_csv(folder / "found.csv")
-    return truth, found, read_leopard_csv(folder / "refined.csv")
+    refined = _refine(folder, refine)
+    return truth, read_leopard_csv(folder / "found.csv"), refined
 
 
 def _nearest(truth: pd.DataFrame, table: pd.DataFrame, x: str, y: str) -> list[int]:
@@ -140,35 +134,12 @@ def test_pixel_size_refinement_finds_the_true_sampling(tmp_path: Path) -> None:
     )  # fmt: skip
     write_mrc(tmp_path / "micrograph.mrc", micrograph.image, PIXEL_SIZE)
     write_mrc(tmp_path / "template.mrc", template_volume(), PIXEL_SIZE)
-    table = micrograph.particles.assign(
-        rlnMicrographName="micrograph.mrc", rlnMicrographPixelSize=PIXEL_SIZE
+    write_true_particles(tmp_path, micrograph.particles)
+    pixel_size = {"pixel_size_min": -0.1, "pixel_size_max": 0.15, "pixel_size_step": 0.02}
+    config = leopard_refine_yaml(
+        "particles.csv", TEMPLATE_SIZE, TEMPLATE_SIZE + 16, pixel_size=pixel_size
     )
-    table["rlnCoordinateX"] = table["rlnCoordinateX"].round()
-    table["rlnCoordinateY"] = table["rlnCoordinateY"].round()
-    write_leopard_csv(tmp_path / "particles.csv", table, template_size=TEMPLATE_SIZE)
-    refine = {
-        "template_volume_path": "template.mrc",
-        "particle_stack": {
-            "df_path": "particles.csv",
-            "extracted_box_size": [TEMPLATE_SIZE + 16, TEMPLATE_SIZE + 16],
-            "original_template_size": [TEMPLATE_SIZE, TEMPLATE_SIZE],
-        },
-        "defocus_refinement_config": {"enabled": False},
-        "pixel_size_refinement_config": {
-            "enabled": True,
-            "pixel_size_min": -0.1,
-            "pixel_size_max": 0.15,
-            "pixel_size_step": 0.02,
-        },
-        "orientation_refinement_config": {"enabled": False},
-        "preprocessing_filters": {"whitening_filter": {"enabled": True}},
-        "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
-    }
-    path = write_yaml(tmp_path / "refine.yaml", refine)
-    out = tmp_path / "refined.csv"
-    result = runner.invoke(app, ["refine-template", "--config", str(path), "--output", str(out)])
-    assert result.exit_code == 0, result.output
-    refined = read_leopard_csv(out)
+    refined = _refine(tmp_path, config)
     # The median over particles is within one step (0.02 Å) of the truth.
     assert float(refined["crfRefinedPixelSize"].median()) == pytest.approx(true_pixel, abs=0.021)
 
@@ -180,39 +151,14 @@ def test_defocus_refinement_is_unbiased_without_noise(tmp_path: Path) -> None:
     gave errors of 150, 100 and 50 Å (shrinking as 1/√SNR).
     """
     micrograph = write_dataset(tmp_path, n_particles=3, snr=None, seed=8)
-    table = micrograph.particles.assign(
-        rlnMicrographName="micrograph.mrc", rlnMicrographPixelSize=PIXEL_SIZE
-    )
-    table["rlnCoordinateX"] = table["rlnCoordinateX"].round()
-    table["rlnCoordinateY"] = table["rlnCoordinateY"].round()
     # Start 300 Å off the truth.
-    table["crfRelativeDefocus"] = 300.0
-    table["rlnDefocusU"] += 300.0
-    table["rlnDefocusV"] += 300.0
-    write_leopard_csv(tmp_path / "particles.csv", table, template_size=TEMPLATE_SIZE)
-    refine = {
-        "template_volume_path": "template.mrc",
-        "particle_stack": {
-            "df_path": "particles.csv",
-            "extracted_box_size": [TEMPLATE_SIZE + 16, TEMPLATE_SIZE + 16],
-            "original_template_size": [TEMPLATE_SIZE, TEMPLATE_SIZE],
-        },
-        "defocus_refinement_config": {
-            "enabled": True,
-            "defocus_min": -500.0,
-            "defocus_max": 500.0,
-            "defocus_step": 50.0,
-        },
-        "pixel_size_refinement_config": {"enabled": False},
-        "orientation_refinement_config": {"enabled": False},
-        "preprocessing_filters": {"whitening_filter": {"enabled": True}},
-        "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
-    }
-    path = write_yaml(tmp_path / "refine.yaml", refine)
-    out = tmp_path / "refined.csv"
-    result = runner.invoke(app, ["refine-template", "--config", str(path), "--output", str(out)])
-    assert result.exit_code == 0, result.output
-    refined = read_leopard_csv(out)
+    start = micrograph.particles.assign(crfRelativeDefocus=300.0)
+    start["rlnDefocusU"] += 300.0
+    start["rlnDefocusV"] += 300.0
+    write_true_particles(tmp_path, start)
+    defocus = {"defocus_min": -500.0, "defocus_max": 500.0, "defocus_step": 50.0}
+    config = leopard_refine_yaml("particles.csv", TEMPLATE_SIZE, TEMPLATE_SIZE + 16, defocus)
+    refined = _refine(tmp_path, config)
     np.testing.assert_array_equal(refined["crfRefinedRelativeDefocus"].to_numpy(), 0.0)
 
 

@@ -120,33 +120,52 @@ def leopard_match_yaml(
     }
 
 
-def _refine_yaml(config: DemoConfig) -> dict[str, Any]:
-    box = config.template_size + config.template_size // 2
-    coarse = config.search_step_degrees * 0.6
+def leopard_refine_yaml(
+    table: str,
+    template_size: int,
+    box_size: int,
+    defocus: dict[str, Any] | None = None,
+    pixel_size: dict[str, Any] | None = None,
+    orientation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Leopard-EM refine_template config (as a dict) for template.mrc and a particle CSV.
+
+    `defocus`, `pixel_size` and `orientation` are the refinement sections' keys
+    (enabled when given, disabled when None); whitening only.
+    """
+
+    def section(values: dict[str, Any] | None) -> dict[str, Any]:
+        return {"enabled": False} if values is None else {"enabled": True, **values}
+
     return {
         "template_volume_path": "template.mrc",
         "particle_stack": {
-            "df_path": "particles.csv",
-            "extracted_box_size": [box, box],
-            "original_template_size": [config.template_size, config.template_size],
+            "df_path": table,
+            "extracted_box_size": [box_size, box_size],
+            "original_template_size": [template_size, template_size],
         },
-        "defocus_refinement_config": {
-            "enabled": True,
-            "defocus_min": -600.0,
-            "defocus_max": 600.0,
-            "defocus_step": 100.0,
-        },
-        "pixel_size_refinement_config": {"enabled": False},
-        "orientation_refinement_config": {
-            "enabled": True,
+        "defocus_refinement_config": section(defocus),
+        "pixel_size_refinement_config": section(pixel_size),
+        "orientation_refinement_config": section(orientation),
+        "preprocessing_filters": {"whitening_filter": {"enabled": True}},
+        "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
+    }
+
+
+def _refine_yaml(config: DemoConfig) -> dict[str, Any]:
+    coarse = config.search_step_degrees * 0.6
+    return leopard_refine_yaml(
+        "particles.csv",
+        config.template_size,
+        config.template_size + config.template_size // 2,
+        defocus={"defocus_min": -600.0, "defocus_max": 600.0, "defocus_step": 100.0},
+        orientation={
             "theta_step_coarse": coarse,
             "theta_step_fine": 1.5,
             "psi_step_coarse": coarse,
             "psi_step_fine": 1.5,
         },
-        "preprocessing_filters": {"whitening_filter": {"enabled": True}},
-        "computational_config": {"gpu_ids": "cpu", "num_cpus": 1},
-    }
+    )
 
 
 def _angles(table: pd.DataFrame, columns: list[str]) -> torch.Tensor:
