@@ -45,7 +45,7 @@ from cryorefine.programs.refine_template import (
     start_values,
 )
 from cryorefine.programs.template_config import OptimizeTemplateConfig
-from cryorefine.simulate.atoms import potential_from_atoms, read_atomic_model
+from cryorefine.simulate.atoms import AtomicModel, potential_from_atoms, read_atomic_model
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,13 @@ def _particles(config: OptimizeTemplateConfig, device: torch.device) -> list[_Pa
 
 def mean_snr(
     config: OptimizeTemplateConfig,
+    model: AtomicModel,
     particles: list[_Particle],
     voxel_size: float,
     device: torch.device,
 ) -> float:
     """Mean best score over the particles of the template simulated at `voxel_size` Å."""
     simulator = config.simulator
-    model = read_atomic_model(simulator.pdb_filepath)
     volume = potential_from_atoms(
         model,
         int(config.particle_stack.original_template_size[0]),
@@ -134,6 +134,7 @@ def run(
     if device.type == "cpu":
         torch.set_num_threads(config.computational_config.num_cpus)  # see match_template
     particles = _particles(config, device)
+    model = read_atomic_model(config.simulator.pdb_filepath)  # once, for every candidate
     rows: list[dict[str, float | str]] = []
     nominal = float(config.simulator.pixel_spacing)
     best = nominal
@@ -144,7 +145,7 @@ def run(
         centre = best
         for offset in search.pixel_size_values().tolist():
             voxel = centre + float(offset)
-            snr = mean_snr(config, particles, voxel, device)
+            snr = mean_snr(config, model, particles, voxel, device)
             rows.append({"stage": stage, "pixel_size": voxel, "mean_snr": snr})
             console.print(f"{stage}: {voxel:.4f} Å → mean SNR {snr:.3f}")
         stage_rows = [r for r in rows if r["stage"] == stage]
