@@ -149,16 +149,31 @@ def central_slice_points(
             volume at scale · k.
 
     Returns:
-        points: (B, S, 3) coordinates (x, y, z) in index units of the interpolation
-            layout, x ≥ 0; S = D · (D//2 + 1), samples in the (ky, kx) order of the
-            image's half transform. Samples beyond Nyquist are put at the DC node.
-        conjugate: (B, S) bool, True where the sample was read at −k (so the value
-            at k is the conjugate of the one interpolated at `points`).
-        inside: (S,) bool, False for samples beyond the volume's Nyquist
-            (|scale · k| > 0.5 cycles/voxel).
+        As `frequency_points`, for S = D · (D//2 + 1) samples in the (ky, kx) order of
+        the image's half transform.
     """
     k = frequency_grid((box_size, box_size), rfft=True, device=rotations.device)
-    k = scale * k.to(rotations.dtype).reshape(-1, 2)
+    return frequency_points(rotations, scale * k.to(rotations.dtype).reshape(-1, 2), padded_size)
+
+
+def frequency_points(
+    rotations: torch.Tensor, frequencies: torch.Tensor, padded_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the central-slice samples at `frequencies` lie in the interpolation layout.
+
+    Args:
+        rotations: (B, 3, 3) matrices A; the sample at k holds V̂(Aᵀ · (kx, ky, 0)).
+        frequencies: (S, 2) (kx, ky) in cycles per voxel of the volume.
+        padded_size: Np of the volume's padded box.
+
+    Returns:
+        points: (B, S, 3) coordinates (x, y, z) in index units of the interpolation
+            layout, x ≥ 0. Samples beyond Nyquist are put at the DC node.
+        conjugate: (B, S) bool, True where the sample was read at −k (so the value
+            at k is the conjugate of the one interpolated at `points`).
+        inside: (S,) bool, False for samples beyond the volume's Nyquist (|k| > 0.5).
+    """
+    k = frequencies.to(rotations.dtype)
     inside = torch.linalg.vector_norm(k, dim=-1) <= 0.5
     k = k * inside[:, None]
     # Aᵀ · (kx, ky, 0) = kx · A[0, :] + ky · A[1, :], in padded-grid units.
@@ -222,27 +237,53 @@ def extract_slices(
     Returns:
         complex (..., D, D//2 + 1): engine.fourier.centred_rfftn of the projections.
     """
+    box_size = prepared.box_size
+    k = frequency_grid((box_size, box_size), rfft=True, device=prepared.spectrum.device)
+    frequencies = scale * k.reshape(-1, 2)
+    samples = extract_samples(prepared, rotations, frequencies, points_per_chunk)
+    return samples.reshape(*rotations.shape[:-2], box_size, box_size // 2 + 1)
+
+
+def extract_samples(
+    prepared: PreparedVolume,
+    rotations: torch.Tensor,
+    frequencies: torch.Tensor,
+    points_per_chunk: int | None = None,
+) -> torch.Tensor:
+    """Central-slice samples V̂(Aᵀ · (kx, ky, 0)) at chosen frequencies.
+
+    The transform of the projection in view A at frequency k: the same values
+    `extract_slices` gives at those k, without computing the others.
+
+    Args:
+        prepared: from `prepare_for_projection`.
+        rotations: (..., 3, 3) matrices A.
+        frequencies: (S, 2) (kx, ky) in cycles per voxel of the volume; samples beyond
+            Nyquist (|k| > 0.5) are 0.
+        points_per_chunk: memory bound, as in `extract_slices`.
+
+    Returns:
+        complex (..., S).
+    """
     spectrum = prepared.spectrum
     real_dtype = spectrum.real.dtype
-    box_size = prepared.box_size
     batch_shape = rotations.shape[:-2]
     flat_rotations = rotations.reshape(-1, 3, 3).to(device=spectrum.device, dtype=real_dtype)
-    samples = box_size * (box_size // 2 + 1)
+    frequencies = frequencies.to(device=spectrum.device, dtype=real_dtype)
+    samples = frequencies.shape[0]
     flat_spectrum = spectrum.reshape(-1)
     grid_shape = (spectrum.shape[0], spectrum.shape[1], spectrum.shape[2])
     out = spectrum.new_zeros((flat_rotations.shape[0], samples))
     step = rotations_per_chunk(samples, points_per_chunk)
     for start in range(0, flat_rotations.shape[0], step):
         chunk = flat_rotations[start : start + step]
-        points, conjugate, inside = central_slice_points(
-            chunk, box_size, prepared.padded_size, scale
-        )
+        points, conjugate, inside = frequency_points(chunk, frequencies, prepared.padded_size)
         values = torch.zeros_like(out[start : start + step])
         for index, weight in trilinear_stencil(points, grid_shape):
             values += weight * flat_spectrum[index]
         values = torch.where(conjugate, values.conj(), values)
         out[start : start + step] = values * inside
-    return out.reshape(*batch_shape, box_size, box_size // 2 + 1)
+    return out.reshape(*batch_shape, samples)
 
 
 def project_fourier(

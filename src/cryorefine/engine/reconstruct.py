@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from cryorefine.engine.fourier import centred_irfftn, centred_rfftn
+from cryorefine.engine.fourier import centred_irfftn, centred_rfftn, frequency_grid
 from cryorefine.engine.projection import (
-    central_slice_points,
+    frequency_points,
     gridding_kernel_transform,
     padded_box_size,
     rotations_per_chunk,
@@ -87,7 +87,6 @@ def insert_slices(
         points_per_chunk: memory bound (engine.projection.DEFAULT_POINTS_PER_CHUNK if
             None); the result does not depend on it beyond float rounding.
     """
-    padded_size = data_accumulator.shape[0] - 2
     box_size = slices.shape[-2]
     if slices.shape[-1] != box_size // 2 + 1:
         raise ValueError(f"slices must be (..., D, D//2+1) half transforms, got {slices.shape}")
@@ -109,27 +108,65 @@ def insert_slices(
     )
     samples = box_size * (box_size // 2 + 1)
     flat_slices = slices.to(device=device).expand(*batch_shape, box_size, box_size // 2 + 1)
-    flat_slices = flat_slices.reshape(-1, samples).to(data_accumulator.dtype)
     flat_weights = weights.to(device=device, dtype=real_dtype)
     if flat_weights.ndim < 2:
         flat_weights = flat_weights.expand(box_size, box_size // 2 + 1)
-    flat_weights = flat_weights.expand(*batch_shape, box_size, box_size // 2 + 1).reshape(
-        -1, samples
+    flat_weights = flat_weights.expand(*batch_shape, box_size, box_size // 2 + 1)
+    frequencies = frequency_grid((box_size, box_size), rfft=True, device=device, dtype=real_dtype)
+    insert_samples(
+        data_accumulator,
+        weight_accumulator,
+        flat_slices.reshape(-1, samples),
+        rotations.expand(*batch_shape, 3, 3).reshape(-1, 3, 3),
+        frequencies.reshape(-1, 2),
+        flat_weights.reshape(-1, samples),
+        points_per_chunk,
     )
-    flat_rotations = rotations.expand(*batch_shape, 3, 3).reshape(-1, 3, 3)
 
+
+def insert_samples(
+    data_accumulator: torch.Tensor,
+    weight_accumulator: torch.Tensor,
+    samples: torch.Tensor,
+    rotations: torch.Tensor,
+    frequencies: torch.Tensor,
+    weights: torch.Tensor,
+    points_per_chunk: int | None = None,
+) -> None:
+    """Add central-slice samples at chosen frequencies to the accumulators, in place.
+
+    The transpose of engine.projection.extract_samples; `insert_slices` is this for
+    every frequency of a D × D half transform.
+
+    Args:
+        data_accumulator: complex (Np+2, Np+2, Np//2+2), from `empty_accumulators`.
+        weight_accumulator: real, same shape.
+        samples: complex (B, S) values (e.g. CTF · image) at `frequencies`.
+        rotations: (B, 3, 3) view matrices A of the samples' slices.
+        frequencies: (S, 2) (kx, ky) in cycles per voxel of the map; samples beyond
+            Nyquist are not inserted.
+        weights: real (B, S) per-sample weights (e.g. CTF²).
+        points_per_chunk: memory bound; the result does not depend on it beyond rounding.
+    """
+    padded_size = data_accumulator.shape[0] - 2
+    real_dtype = weight_accumulator.dtype
+    device = weight_accumulator.device
+    rotations = rotations.to(device=device, dtype=real_dtype)
+    frequencies = frequencies.to(device=device, dtype=real_dtype)
+    samples = samples.to(device=device, dtype=data_accumulator.dtype)
+    weights = weights.to(device=device, dtype=real_dtype)
     # (real, imag) interleaved: 1D index_add_ is the fast path on CPU and CUDA alike.
     data_flat = torch.view_as_real(data_accumulator).view(-1)
     weight_flat = weight_accumulator.view(-1)
     grid_shape = (data_accumulator.shape[0], data_accumulator.shape[1], data_accumulator.shape[2])
-    step = rotations_per_chunk(samples, points_per_chunk)
-    for start in range(0, flat_rotations.shape[0], step):
-        points, conjugate, inside = central_slice_points(
-            flat_rotations[start : start + step], box_size, padded_size
+    step = rotations_per_chunk(frequencies.shape[0], points_per_chunk)
+    for start in range(0, rotations.shape[0], step):
+        points, conjugate, inside = frequency_points(
+            rotations[start : start + step], frequencies, padded_size
         )
-        values = flat_slices[start : start + step]
+        values = samples[start : start + step]
         values = torch.view_as_real(torch.where(conjugate, values.conj(), values))
-        sample_weights = flat_weights[start : start + step] * inside
+        sample_weights = weights[start : start + step] * inside
         values = values * inside[:, None]
         real, imag = values.unbind(-1)
         for index, kernel in trilinear_stencil(points, grid_shape):
@@ -253,3 +290,31 @@ def _radius_in_box_units(
     kx = torch.fft.rfftfreq(padded_size, device=device, dtype=dtype)
     k2 = kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2
     return k2.sqrt() * box_size
+
+
+def shell_mean_weights(weight_accumulator: torch.Tensor, box_size: int) -> torch.Tensor:
+    """Mean summed weight per Fourier shell, in the units of `reconstruct_map`'s λ.
+
+    With a half map's signal-to-noise ratio SSNR(s) per shell, the Wiener
+    regularisation is λ(s) = mean weight(s) / SSNR(s): for a voxel of summed weight W,
+    noise power σ²/W and signal power τ², SSNR = τ² W / σ², so σ²/τ² = W / SSNR.
+
+    Args:
+        weight_accumulator: real (Np+2, Np+2, Np//2+2) from `insert_slices`.
+        box_size: D of the map.
+
+    Returns:
+        (D // 2 + 1,) mean weight of the voxels in each shell round(|k| · D) (shells
+        with no voxel get 0).
+    """
+    padded_size = weight_accumulator.shape[0] - 2
+    weight = symmetrise_friedel_plane(fold_interpolation_layout(weight_accumulator))
+    radius = _radius_in_box_units(padded_size, box_size, weight.device, weight.dtype)
+    shells = radius.round().long().reshape(-1)
+    n_shells = box_size // 2 + 1
+    inside = shells < n_shells
+    totals = torch.zeros(n_shells, dtype=weight.dtype, device=weight.device)
+    totals.index_add_(0, shells[inside], weight.reshape(-1)[inside])
+    counts = torch.bincount(shells[inside], minlength=n_shells).to(weight.dtype)
+    scale = (box_size / padded_size) ** 3
+    return totals / counts.clamp_min(1) / scale
