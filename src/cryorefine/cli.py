@@ -153,6 +153,111 @@ def reconstruct(
     run_guarded(lambda: program.run(load_config(program.ReconstructConfig, config, overrides)))
 
 
+@app.command("refine3d")
+def refine3d(
+    particles: Annotated[
+        Path | None,
+        typer.Option(
+            "--particles",
+            "-i",
+            help="RELION particles STAR with CTF parameters. Image names (rlnImageName) are "
+            "read relative to the STAR file's folder (RELION reads them relative to where it "
+            "runs: run from the STAR's folder or give it there).",
+        ),
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", "--ref", help="Starting map (MRC).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config.")] = None,
+    initial_lowpass: Annotated[
+        float | None,
+        typer.Option("--initial-lowpass", help="Low-pass of the starting map, Å (default 40)."),
+    ] = None,
+    absolute_greyscale: Annotated[
+        bool | None,
+        typer.Option(
+            "--absolute-greyscale/--no-absolute-greyscale",
+            help="The reference is on the particles' greyscale (no first CC iteration).",
+        ),
+    ] = None,
+    symmetry: Annotated[
+        str | None, typer.Option("--symmetry", "--sym", help="Point group (C1, C4, D2, T, O, I).")
+    ] = None,
+    mask_diameter: Annotated[
+        float | None,
+        typer.Option("--mask-diameter", help="Soft spherical mask diameter, Å (default 90 % box)."),
+    ] = None,
+    reference_mask: Annotated[
+        Path | None, typer.Option("--reference-mask", help="Mask (MRC) for the references.")
+    ] = None,
+    angular_step: Annotated[
+        float | None,
+        typer.Option("--angular-step", help="First (global) angular step, degrees (default 7.5)."),
+    ] = None,
+    local_searches_from: Annotated[
+        float | None,
+        typer.Option(
+            "--local-searches-from", help="Steps ≤ this search locally, degrees (default 3.75)."
+        ),
+    ] = None,
+    offset_range: Annotated[
+        float | None, typer.Option("--offset-range", help="Offset search range, px (default 5).")
+    ] = None,
+    offset_step: Annotated[
+        float | None, typer.Option("--offset-step", help="Offset step, px (default 1).")
+    ] = None,
+    max_iterations: Annotated[
+        int | None, typer.Option("--max-iterations", help="Iterations at most (default 25).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the half split.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "--j", help="CPU threads (default: all).")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--continue", help="Resume after the last finished iteration.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the outputs of an earlier run.")
+    ] = False,
+) -> None:
+    """Gold-standard 3D auto-refinement (RELION's 3D auto-refine): two independent halves,
+    global then local searches with automatic sampling, FSC-weighted references.
+
+    Writes particles.star, half_map_1.mrc, half_map_2.mrc, map.mrc, fsc.csv, fsc.png and
+    summary.yaml into the output folder and prints the final resolution last.
+
+    Example: cryorefine refine3d --particles particles.star --reference ref.mrc --output
+    Refine3D/job001 --initial-lowpass 40 --symmetry C1 --mask-diameter 120
+    """
+    from cryorefine.config import load_config
+    from cryorefine.programs import refine3d as program
+
+    overrides = {
+        "particles": particles,
+        "reference": reference,
+        "output": output,
+        "initial_lowpass_angstrom": initial_lowpass,
+        "absolute_greyscale": absolute_greyscale,
+        "symmetry": symmetry,
+        "mask_diameter_angstrom": mask_diameter,
+        "reference_mask": reference_mask,
+        "initial_angular_step_degrees": angular_step,
+        "local_searches_from_degrees": local_searches_from,
+        "offset_range_pixels": offset_range,
+        "offset_step_pixels": offset_step,
+        "max_iterations": max_iterations,
+        "seed": seed,
+        "threads": threads,
+        "device": device,
+        "overwrite": overwrite or None,
+    }
+    run_guarded(
+        lambda: program.run(load_config(program.Refine3DConfig, config, overrides), resume=resume)
+    )
+
+
 _TEMPLATE_CONFIG_HELP = (
     "YAML config: Leopard-EM's schema (its YAML runs unchanged) plus cryorefine's "
     "optional keys. Relative paths are read from the config file's folder."
@@ -278,6 +383,196 @@ def demo(
         "snr": snr,
     }
     run_guarded(lambda: program.run(load_config(program.DemoConfig, config, overrides)))
+
+
+@app.command("postprocess")
+def postprocess(
+    half_maps: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option("--half-maps", help="The two half maps (MRC): --half-maps H1 H2."),
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option("--mask", help="Soft mask (MRC, values in [0, 1]).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config.")] = None,
+    pixel_size: Annotated[
+        float | None, typer.Option("--pixel-size", help="Å/px (default: the maps' header).")
+    ] = None,
+    randomise_beyond: Annotated[
+        float | None,
+        typer.Option(
+            "--randomise-beyond",
+            help="Randomise phases from this resolution (Å) on; default: where the "
+            "unmasked FSC first falls below 0.8.",
+        ),
+    ] = None,
+    bfactor: Annotated[
+        str | None,
+        typer.Option(
+            "--bfactor", help="B-factor in Å² (negative sharpens), or 'auto' (Guinier fit)."
+        ),
+    ] = None,
+    autob_lowres: Annotated[
+        float | None,
+        typer.Option(
+            "--autob-lowres",
+            "--low-resolution-guinier",
+            help="Lowest resolution (Å) in the Guinier fit (default 10).",
+        ),
+    ] = None,
+    autob_highres: Annotated[
+        float | None,
+        typer.Option(
+            "--autob-highres", help="Highest resolution (Å) in the fit (default: the final one)."
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Phase randomisation seed.")] = None,
+    float16: Annotated[
+        bool, typer.Option("--float16", help="Write the maps as float16 (MRC mode 12).")
+    ] = False,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Write into a non-empty folder.")
+    ] = False,
+) -> None:
+    """FSC (unmasked, masked, phase-randomised, corrected), B-factor and sharpened map.
+
+    As relion_postprocess. Final resolution: the corrected FSC at 0.143.
+    B-factor: RELION's sign (negative sharpens), by default from a Guinier fit.
+
+    Example: cryorefine postprocess --half-maps h1.mrc h2.mrc --mask mask.mrc -o postprocess
+    """
+    from cryorefine.config import load_config
+    from cryorefine.programs import postprocess as program
+
+    overrides = {
+        "half_maps": half_maps,
+        "mask": mask,
+        "output": output,
+        "pixel_size_angstrom": pixel_size,
+        "randomise_beyond_angstrom": randomise_beyond,
+        "bfactor": bfactor,
+        "autob_lowres_angstrom": autob_lowres,
+        "autob_highres_angstrom": autob_highres,
+        "seed": seed,
+        "float16": float16 or None,
+        "device": device,
+        "overwrite": overwrite or None,
+    }
+    run_guarded(lambda: program.run(load_config(program.PostprocessConfig, config, overrides)))
+
+
+@app.command("mask")
+def mask(
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output mask (MRC); its config goes beside it."),
+    ] = None,
+    map_path: Annotated[
+        Path | None,
+        typer.Option("--map", help="Map to threshold (or to take box and pixel size from)."),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Density at or above which it is 1.")
+    ] = None,
+    extend: Annotated[
+        float | None,
+        typer.Option("--extend", help="Grow the thresholded mask by this many px (< 0 shrinks)."),
+    ] = None,
+    soft_edge: Annotated[
+        float | None, typer.Option("--soft-edge", help="Raised-cosine edge width, px.")
+    ] = None,
+    sphere_diameter: Annotated[
+        float | None,
+        typer.Option("--sphere-diameter", help="A spherical mask of this diameter, Å."),
+    ] = None,
+    box: Annotated[int | None, typer.Option("--box", help="Box edge of a sphere, px.")] = None,
+    pixel_size: Annotated[float | None, typer.Option("--pixel-size", help="Å/px.")] = None,
+    float16: Annotated[
+        bool, typer.Option("--float16", help="Write the mask as float16 (MRC mode 12).")
+    ] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output mask.")
+    ] = False,
+) -> None:
+    """A soft mask from a map (threshold, extend, soft edge) or a soft sphere.
+
+    As relion_mask_create (--ini_threshold, --extend_inimask, --width_soft_edge; --denovo).
+
+    Example: cryorefine mask --map map.mrc --threshold 0.02 --extend 3 --soft-edge 6 -o mask.mrc
+
+    Example: cryorefine mask --sphere-diameter 180 --box 128 --pixel-size 1.5 -o sphere.mrc
+    """
+    from cryorefine.config import load_config
+    from cryorefine.programs import mask as program
+
+    overrides = {
+        "output": output,
+        "map": map_path,
+        "threshold": threshold,
+        "extend_px": extend,
+        "soft_edge_px": soft_edge,
+        "sphere_diameter_angstrom": sphere_diameter,
+        "box_size": box,
+        "pixel_size_angstrom": pixel_size,
+        "float16": float16 or None,
+        "device": device,
+        "overwrite": overwrite or None,
+    }
+    run_guarded(lambda: program.run(load_config(program.MaskConfig, config, overrides)))
+
+
+@app.command("rebox")
+def rebox(
+    map_path: Annotated[Path | None, typer.Option("--map", help="Input map (MRC).")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Output map (MRC); its config goes beside it."),
+    ] = None,
+    box: Annotated[
+        int | None, typer.Option("--box", help="New box edge, px (real-space crop/pad).")
+    ] = None,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option("--pixel-size", help="New pixel size, Å (Fourier crop/pad)."),
+    ] = None,
+    input_pixel_size: Annotated[
+        float | None,
+        typer.Option("--input-pixel-size", help="The input's pixel size, Å (default: header)."),
+    ] = None,
+    float16: Annotated[
+        bool, typer.Option("--float16", help="Write the map as float16 (MRC mode 12).")
+    ] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output map.")
+    ] = False,
+) -> None:
+    """A map in a new box and/or at a new pixel size (origin kept at N // 2).
+
+    As relion_image_handler --rescale_angpix / --new_box: Fourier crop/pad to
+    round(N p_old / p_new) voxels, then real-space crop/pad to --box.
+
+    Example: cryorefine rebox --map map.mrc --pixel-size 2.0 --box 96 --output small.mrc
+    """
+    from cryorefine.config import load_config
+    from cryorefine.programs import rebox as program
+
+    overrides = {
+        "map": map_path,
+        "output": output,
+        "box_size": box,
+        "pixel_size_angstrom": pixel_size,
+        "input_pixel_size_angstrom": input_pixel_size,
+        "float16": float16 or None,
+        "device": device,
+        "overwrite": overwrite or None,
+    }
+    run_guarded(lambda: program.run(load_config(program.ReboxConfig, config, overrides)))
 
 
 def main() -> None:

@@ -113,7 +113,7 @@ def whiten(images: torch.Tensor) -> torch.Tensor:
 
 
 def lowpass_filter(
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     cutoff: float,
     edge_width: float,
     rfft: bool = True,
@@ -122,9 +122,9 @@ def lowpass_filter(
     """1 up to `cutoff`, raised-cosine fall to 0 at `cutoff + edge_width`, 0 beyond.
 
     Args:
-        shape: (h, w) real-space image shape.
+        shape: (h, w) real-space image shape, or (d, h, w) for a volume.
         cutoff, edge_width: cycles per pixel (edge_width 0 gives a hard edge).
-        rfft: half (h, w // 2 + 1) or full (h, w) layout.
+        rfft: half (..., w // 2 + 1) or full (..., w) layout.
 
     Returns:
         real float32 filter on the `frequency_grid` layout.

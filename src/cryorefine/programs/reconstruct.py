@@ -224,10 +224,28 @@ def prepare_slices(
     slices = phase_shift(centred_rfftn(images, ndim=2), shift, (box_size, box_size))
     if not ctf:
         return slices, None
+    transfer = particle_ctfs(table, box_size, pixel_size_angstrom, device)
+    if not ctf_premultiplied:
+        slices = slices * transfer
+    return slices, transfer.square()
+
+
+def particle_ctfs(
+    table: pd.DataFrame, box_size: int, pixel_size_angstrom: float, device: torch.device
+) -> torch.Tensor:
+    """Each particle's CTF on the half transform of its D × D image.
+
+    Args:
+        table: the n particles' rows (CTF_COLUMNS; rlnPhaseShift, rlnCtfBfactor 0 if absent).
+        box_size: D (pixels); pixel_size_angstrom: Å per pixel.
+
+    Returns:
+        real float64 (n, D, D//2+1), FFT order (engine.ctf.ctf_2d).
+    """
     defocus_u, defocus_v, angle, voltage, cs, q0 = (
         _column(table, name).to(device) for name in CTF_COLUMNS
     )
-    transfer = ctf_2d(
+    return ctf_2d(
         (box_size, box_size),
         pixel_size_angstrom,
         defocus_u,
@@ -239,9 +257,6 @@ def prepare_slices(
         phase_shift_degrees=_column(table, "rlnPhaseShift").to(device),
         b_factor_angstrom2=_column(table, "rlnCtfBfactor").to(device),
     )
-    if not ctf_premultiplied:
-        slices = slices * transfer
-    return slices, transfer.square()
 
 
 def _describe(config: ReconstructConfig, inputs: _Inputs, device: torch.device) -> str:
