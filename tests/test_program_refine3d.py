@@ -38,6 +38,7 @@ from cryorefine.simulate.atoms import (
     read_atomic_model,
 )
 from cryorefine.simulate.particles import simulate_particle_stack, write_particle_stack
+from relion_tools import run_relion
 
 BOX = 40
 PIXEL = 4.0
@@ -352,3 +353,74 @@ def test_bad_input_fails_before_any_output(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "job").exists()
+
+
+# --------------------------------------------------------------------------- RELION
+
+
+def test_relion_reconstruct_reads_our_particles(
+    relion_bin: str, refined: tuple[Path, str], dataset: Path, tmp_path: Path
+) -> None:
+    output, _ = refined
+    # RELION resolves image names from where it runs: run it beside the stack.
+    shutil.copy(output / "particles.star", dataset / "refined.star")
+    run_relion(
+        relion_bin,
+        "relion_reconstruct",
+        ["--i", "refined.star", "--o", str(tmp_path / "relion.mrc"), "--ctf"],
+        dataset,
+    )
+    relion_map = read_map(tmp_path / "relion.mrc")
+    ours = read_map(output / "map.mrc")
+    fsc = fourier_shell_correlation(ours, relion_map)
+    resolution_shell = BOX * PIXEL / float(pd.read_csv(output / "fsc.csv").pipe(_resolution))
+    # The same particles and poses: the maps agree out to near our resolution.
+    assert float(fsc[1 : int(0.8 * resolution_shell)].min()) > 0.9
+
+
+def _resolution(fsc: pd.DataFrame) -> float:
+    below = fsc.index[(fsc["fsc"] < 0.143) & (fsc["shell"] > 0)]
+    return float(fsc["resolution_angstrom"].iloc[below[0] - 1]) if len(below) else 2 * PIXEL
+
+
+def test_refines_a_relion_project_dataset(
+    relion_bin: str, truth: torch.Tensor, tmp_path: Path
+) -> None:
+    simulated = simulate_particle_stack(
+        truth, PIXEL, 200, snr=None, seed=9, defocus_range_angstrom=(10000.0, 25000.0)
+    )
+    write_star_particles(tmp_path / "angles.star", simulated.table)
+    write_mrc(tmp_path / "volume.mrc", truth, PIXEL)
+    run_relion(
+        relion_bin,
+        "relion_project",
+        ["--i", "volume.mrc", "--o", "projections", "--ang", "angles.star", "--ctf"],
+        tmp_path,
+    )
+    # relion_project --add_noise is seeded from the clock: add the noise here.
+    images, _ = read_mrc(tmp_path / "projections.mrcs")
+    noise_std = float(np.sqrt(images.var(axis=(1, 2)).mean() / 0.2))
+    noisy = images + np.random.default_rng(0).normal(0.0, noise_std, images.shape)
+    write_mrc(tmp_path / "projections.mrcs", noisy, PIXEL, overwrite=True, is_stack=True)
+    relion_table = read_star_particles(tmp_path / "projections.star")
+    blind = relion_table.copy()
+    for column in POSE_COLUMNS:
+        blind[column] = 0.0
+    write_star_particles(tmp_path / "blind.star", blind)
+    write_mrc(tmp_path / "reference.mrc", truth, PIXEL)
+    output = tmp_path / "job"
+    run(
+        Refine3DConfig(
+            particles=tmp_path / "blind.star",
+            reference=tmp_path / "reference.mrc",
+            output=output,
+            max_iterations=5,
+            **FAST,
+        )
+    )
+    refined_table = read_star_particles(output / "particles.star")
+    operators = symmetry_operators("C1", dtype=torch.float64)
+    errors = symmetric_angular_distance(
+        rotations(refined_table), rotations(relion_table), operators
+    )
+    assert float(errors.median()) < 5.0
