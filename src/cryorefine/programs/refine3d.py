@@ -99,6 +99,7 @@ from cryorefine.io.mrc import (
 from cryorefine.io.star import read_star_particles, write_star_particles
 from cryorefine.parallel.device import resolve_device
 from cryorefine.programs.reconstruct import CTF_COLUMNS, particle_ctfs
+from cryorefine.report.fsc_plot import plot_fsc_curves
 
 #: Shells beyond a half's resolution that still enter the likelihood (RELION's incr_size).
 SHELL_MARGIN = 6
@@ -591,26 +592,6 @@ def _write_csv(path: Path, table: pd.DataFrame) -> None:
     atomic_write_text(path, table.to_csv(index=False, float_format="%.6g"), overwrite=True)
 
 
-def _plot_fsc(path: Path, table: pd.DataFrame, resolution: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot(table["frequency_per_angstrom"], table["fsc"], label="gold-standard FSC")
-    axes.axhline(0.143, color="grey", linestyle="--", linewidth=0.8, label="0.143")
-    axes.set_xlabel("spatial frequency (1/Å)")
-    axes.set_ylabel("FSC")
-    axes.set_ylim(-0.1, 1.05)
-    axes.set_title(f"resolution {resolution:.2f} Å")
-    axes.legend()
-    figure.tight_layout()
-    with atomic_path(path, overwrite=True) as temporary:
-        figure.savefig(temporary, format="png", dpi=100)
-    plt.close(figure)
-
-
 def _write_iteration(
     folder: Path,
     inputs: Inputs,
@@ -834,7 +815,14 @@ def _write_final(
     )
     table = _fsc_table(fsc, inputs.box_size, pixel)
     _write_csv(out / "fsc.csv", table)
-    _plot_fsc(out / "fsc.png", table, resolution)
+    plot_fsc_curves(
+        out / "fsc.png",
+        table["frequency_per_angstrom"].to_numpy(),
+        {"gold-standard FSC (soft sphere)": table["fsc"].to_numpy()},
+        resolution_angstrom=resolution,
+        title="refine3d: half 1 vs half 2",
+        overwrite=True,
+    )
     summary = {
         "final_resolution_angstrom": resolution,
         "iterations": state.iteration,
