@@ -222,13 +222,16 @@ class Posterior:
     log_evidence: torch.Tensor
 
 
-def posterior(scores: torch.Tensor, hard: bool = False) -> Posterior:
+def posterior(scores: torch.Tensor, hard: bool = False, significance: float = 1e-4) -> Posterior:
     """Softmax of log-likelihood scores over (offset, orientation), or the argmax alone.
 
     Args:
         scores: real (n, T, J) log-likelihoods (uniform priors), or CC values with hard.
         hard: put all weight on the best pose (maximum, as RELION's first CC iteration);
             ties keep the lowest flat index.
+        significance: poses whose probability is below this fraction of the best one's
+            get none (RELION's significant samples; they would add < 1e-4 each to the
+            back-projection), and the rest are renormalised.
     """
     n, t, j = scores.shape
     flat = scores.reshape(n, t * j)
@@ -238,7 +241,9 @@ def posterior(scores: torch.Tensor, hard: bool = False) -> Posterior:
         weights = torch.zeros_like(flat)
         weights.scatter_(1, best[:, None], 1.0)
     else:
-        weights = torch.exp(flat - log_evidence[:, None])
+        relative = flat - flat.gather(1, best[:, None])
+        weights = torch.where(relative >= math.log(significance), torch.exp(relative), 0.0)
+        weights = weights / weights.sum(-1, keepdim=True)
     max_probability = weights.gather(1, best[:, None]).squeeze(1)
     return Posterior(weights.reshape(n, t, j), best // j, best % j, max_probability, log_evidence)
 
