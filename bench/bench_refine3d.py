@@ -43,7 +43,8 @@ Scored against the truth, the same way for both:
 - half maps: FSC = 0.143 between the two half maps, computed here (engine.fsc) after the
   same soft spherical mask (--mask-diameter, 3 px edge) on both;
 - vs truth: FSC = 0.5 between the final map and the truth, both under that mask, no
-  alignment (refinement starts from the low-passed truth, so the frames agree);
+  alignment (refinement starts from the low-passed truth, so the frames agree to a few
+  degrees: see the frame rotation below);
 - median angular error (engine.symmetry.symmetric_angular_distance) and median origin
   error (Å) of the refined poses against the true ones, matched on rlnImageName;
 - frame rotation: starting from a 40 Å map, a refinement may settle in a frame turned
