@@ -7,14 +7,26 @@ fails at load time (naming the file, the key and the rule) rather than after com
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
+from cryorefine.engine.symmetry import VALID_SYMMETRY_NAMES, canonical_symmetry_name
 from cryorefine.errors import CryorefineError, require_file
 
 ConfigT = TypeVar("ConfigT", bound="Config")
+
+
+def _known_symmetry(value: str) -> str:
+    try:
+        return canonical_symmetry_name(value)
+    except CryorefineError as error:
+        raise ValueError(f"{error.problem} Use one of {VALID_SYMMETRY_NAMES}") from None
+
+
+#: A RELION point-group name, validated and made canonical at load (C1, D2, O, I, ...).
+SymmetryName = Annotated[str, AfterValidator(_known_symmetry)]
 
 
 class Config(BaseModel):

@@ -67,3 +67,17 @@ def atomic_write(
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:
     """Write `text` to `path` atomically."""
     return atomic_write(path, lambda temporary: temporary.write_text(text), overwrite=overwrite)
+
+
+def refuse_nonempty_folder(output: Path, overwrite: bool) -> None:
+    """One clear error if `output` is a file, or a non-empty folder and not `overwrite`."""
+    if output.exists() and not output.is_dir():
+        raise CryorefineError(
+            "output exists and is not a folder.", path=output, fix="choose another --output."
+        )
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise CryorefineError(
+            "output folder exists and is not empty.",
+            path=output,
+            fix="choose another --output, empty the folder, or pass --overwrite.",
+        )

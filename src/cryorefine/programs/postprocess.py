@@ -60,7 +60,7 @@ from cryorefine.engine.postprocess import (
     shell_mean_amplitude,
 )
 from cryorefine.errors import CryorefineError
-from cryorefine.io.atomic import atomic_write_text
+from cryorefine.io.atomic import atomic_write_text, refuse_nonempty_folder
 from cryorefine.io.mrc import MrcInfo, write_mrc
 from cryorefine.io.volumes import cubic_map_info, map_pixel_size, read_map
 from cryorefine.parallel.device import resolve_device
@@ -160,19 +160,6 @@ class _Inputs:
     mask: MrcInfo
     mask_values: torch.Tensor
     pixel_size_angstrom: float
-
-
-def _check_output_folder(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise CryorefineError(
-            "output exists and is not a folder.", path=output, fix="choose another --output."
-        )
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise CryorefineError(
-            "output folder exists and is not empty.",
-            path=output,
-            fix="choose another --output, empty the folder, or pass --overwrite.",
-        )
 
 
 def _same_voxel_size(a: float, b: float) -> bool:
@@ -315,7 +302,7 @@ def run(config: PostprocessConfig, console: Console | None = None) -> Postproces
     """Post-process the half maps as `config` says (module docstring) and write the results."""
     console = console or Console()
     output = config.output
-    _check_output_folder(output, config.overwrite)
+    refuse_nonempty_folder(output, config.overwrite)
     device = resolve_device(config.device)
     inputs = _read_inputs(config, device)
     console.print(_describe(config, inputs, device), highlight=False)

@@ -25,19 +25,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cryorefine.config import Config, save_resolved_config
+from cryorefine.config import Config, SymmetryName, save_resolved_config
 from cryorefine.engine.ctf import ctf_2d
 from cryorefine.engine.fourier import centred_rfftn, phase_shift
 from cryorefine.engine.projection import padded_box_size, shift_for_origin
 from cryorefine.engine.reconstruct import empty_accumulators, insert_slices, reconstruct_map
 from cryorefine.engine.so3 import euler_to_matrix
 from cryorefine.engine.symmetry import (
-    VALID_SYMMETRY_NAMES,
-    canonical_symmetry_name,
     symmetry_operators,
 )
 from cryorefine.errors import CryorefineError
@@ -68,7 +66,9 @@ class ReconstructConfig(Config):
         "are read relative to its folder."
     )
     output: Path = Field(description="Output map (MRC); the resolved config goes beside it.")
-    symmetry: str = Field("C1", description="Point group of the map (RELION names: C1, D2, O, I).")
+    symmetry: SymmetryName = Field(
+        "C1", description="Point group of the map (RELION names: C1, D2, O, I)."
+    )
     pad_factor: float = Field(
         2.0, ge=1, description="Padded Fourier box edge / image box (interpolation accuracy)."
     )
@@ -89,14 +89,6 @@ class ReconstructConfig(Config):
     batch_size: int = Field(256, gt=0, description="Images read and inserted at once.")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto.")
     overwrite: bool = Field(False, description="Replace an existing output map and config.")
-
-    @field_validator("symmetry")
-    @classmethod
-    def _known_symmetry(cls, value: str) -> str:
-        try:
-            return canonical_symmetry_name(value)
-        except CryorefineError as error:
-            raise ValueError(f"{error.problem} Use one of {VALID_SYMMETRY_NAMES}") from None
 
 
 @dataclass(frozen=True)

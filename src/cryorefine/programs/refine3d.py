@@ -48,10 +48,10 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field
 from rich.console import Console
 
-from cryorefine.config import Config, save_resolved_config
+from cryorefine.config import Config, SymmetryName, save_resolved_config
 from cryorefine.engine.alignment import (
     FourierSamples,
     fourier_samples,
@@ -82,8 +82,6 @@ from cryorefine.engine.reconstruct import (
 from cryorefine.engine.so3 import euler_to_matrix, matrix_to_euler
 from cryorefine.engine.so3_grid import global_orientation_grid, local_rotation_offsets
 from cryorefine.engine.symmetry import (
-    VALID_SYMMETRY_NAMES,
-    canonical_symmetry_name,
     symmetric_angular_distance,
     symmetry_operators,
 )
@@ -130,7 +128,9 @@ class Refine3DConfig(Config):
         description="The reference is on the particles' greyscale: the first iteration "
         "uses the likelihood instead of cross-correlation.",
     )
-    symmetry: str = Field("C1", description="Point group (RELION names: C1, C4, D2, T, O, I).")
+    symmetry: SymmetryName = Field(
+        "C1", description="Point group (RELION names: C1, C4, D2, T, O, I)."
+    )
     mask_diameter_angstrom: float | None = Field(
         None, gt=0, description="Diameter of the soft spherical mask (Å); default 90 % of the box."
     )
@@ -156,14 +156,6 @@ class Refine3DConfig(Config):
     threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores).")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto.")
     overwrite: bool = Field(False, description="Replace the outputs of an earlier run.")
-
-    @field_validator("symmetry")
-    @classmethod
-    def _known_symmetry(cls, value: str) -> str:
-        try:
-            return canonical_symmetry_name(value)
-        except CryorefineError as error:
-            raise ValueError(f"{error.problem} Use one of {VALID_SYMMETRY_NAMES}") from None
 
 
 # --------------------------------------------------------------------------- inputs

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from cryorefine.config import Config, save_resolved_config
 from cryorefine.errors import CryorefineError
+from cryorefine.io.atomic import refuse_nonempty_folder
 from cryorefine.io.mrc import write_mrc
 from cryorefine.io.star import write_star_micrographs, write_star_particles
 from cryorefine.parallel.device import resolve_device
@@ -134,19 +135,6 @@ class SimulationResult:
     n_micrograph_particles: int = 0
 
 
-def _check_output_folder(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise CryorefineError(
-            "output exists and is not a folder.", path=output, fix="choose another --output."
-        )
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise CryorefineError(
-            "output folder exists and is not empty.",
-            path=output,
-            fix="choose another --output, empty the folder, or pass --overwrite.",
-        )
-
-
 def _noise_spectrum(config: SimulateConfig) -> PowerSpectrum | None:
     return None if config.noise == "white" else power_law_spectrum(config.noise_exponent)
 
@@ -178,7 +166,7 @@ def run(config: SimulateConfig, console: Console | None = None) -> SimulationRes
     """Write the synthetic dataset described by `config` (see the module docstring)."""
     console = console or Console()
     output = config.output
-    _check_output_folder(output, config.overwrite)
+    refuse_nonempty_folder(output, config.overwrite)
     device = resolve_device(config.device)
     structure = config.structure or builtin_structure_path()
     console.print(
