@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.nn.functional import grid_sample
 
 from cryorefine.engine.fourier import centred_irfftn, centred_rfftn, frequency_grid
 
@@ -179,7 +180,7 @@ def frequency_points(
     # Aᵀ · (kx, ky, 0) = kx · A[0, :] + ky · A[1, :], in padded-grid units.
     q = padded_size * (k @ rotations[..., :2, :])
     conjugate = q[..., 0] < 0
-    q = torch.where(conjugate[..., None], -q, q)
+    q = q * (1 - 2 * conjugate[..., None].to(q.dtype))
     centre = float(padded_size // 2)
     points = q + q.new_tensor([0.0, centre, centre])
     return points, conjugate, inside
@@ -271,18 +272,20 @@ def extract_samples(
     flat_rotations = rotations.reshape(-1, 3, 3).to(device=spectrum.device, dtype=real_dtype)
     frequencies = frequencies.to(device=spectrum.device, dtype=real_dtype)
     samples = frequencies.shape[0]
-    flat_spectrum = spectrum.reshape(-1)
-    grid_shape = (spectrum.shape[0], spectrum.shape[1], spectrum.shape[2])
+    # grid_sample's trilinear kernel (align_corners: node i at 2i/(n-1) - 1) reads the
+    # real and imaginary parts as two channels, several times faster than eight gathers.
+    channels = torch.view_as_real(spectrum).permute(3, 0, 1, 2)[None].contiguous()
+    nz, ny, nx = spectrum.shape
+    to_unit = frequencies.new_tensor([2 / (nx - 1), 2 / (ny - 1), 2 / (nz - 1)])
     out = spectrum.new_zeros((flat_rotations.shape[0], samples))
     step = rotations_per_chunk(samples, points_per_chunk)
     for start in range(0, flat_rotations.shape[0], step):
         chunk = flat_rotations[start : start + step]
         points, conjugate, inside = frequency_points(chunk, frequencies, prepared.padded_size)
-        values = torch.zeros_like(out[start : start + step])
-        for index, weight in trilinear_stencil(points, grid_shape):
-            values += weight * flat_spectrum[index]
-        values = torch.where(conjugate, values.conj(), values)
-        out[start : start + step] = values * inside
+        grid = (points * to_unit - 1)[None, :, :, None, :]
+        parts = grid_sample(channels, grid, mode="bilinear", align_corners=True)[0, ..., 0]
+        imaginary = torch.where(conjugate, -parts[1], parts[1])
+        out[start : start + step] = torch.complex(parts[0] * inside, imaginary * inside)
     return out.reshape(*batch_shape, samples)
 
 

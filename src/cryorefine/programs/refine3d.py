@@ -619,9 +619,10 @@ def _next_sampling(
     if (gained and not settled) and same_sampling < 3:
         return
     next_step = state.angular_step / 2
-    # An angle that moves the mask's edge by a quarter of the resolution is the finest
-    # worth searching; the posterior spread says how well the data pin the pose down.
-    resolvable = math.degrees(resolution / (4 * mask_radius))
+    # An angle that moves the mask's edge by an eighth of the resolution is the finest
+    # worth searching (the posterior needs about two samples across a resolvable
+    # change); the posterior spread says how well the data pin the pose down.
+    resolvable = math.degrees(resolution / (8 * mask_radius))
     if next_step < max(resolvable, record["median_posterior_spread_degrees"]):
         state.final = True
         return
