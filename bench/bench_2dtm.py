@@ -335,13 +335,17 @@ def tree_rss_bytes(root: int) -> int:
     return total * resource.getpagesize()
 
 
-def run_measured(command: Sequence[str], env: dict[str, str], log: Path) -> Usage:
-    """Run `command` to the end, its output to `log`; measure it with os.wait4."""
+def run_measured(
+    command: Sequence[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> Usage:
+    """Run `command` (in `cwd`) to the end, its output to `log`; measure it with os.wait4."""
     with log.open("w") as output:
-        output.write("$ " + " ".join(command) + "\n")
+        output.write("$ " + ("" if cwd is None else f"cd {cwd} && ") + " ".join(command) + "\n")
         output.flush()
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd
+        )
         peak_tree = 0
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)

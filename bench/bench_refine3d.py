@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -80,12 +79,11 @@ import torch
 import yaml
 
 # bench/ is sys.path[0] when this script runs: the process-tree measurement is shared.
-from bench_2dtm import Usage, child_env, tree_rss_bytes
+from bench_2dtm import Usage, child_env, run_measured
 from rich.console import Console
 from rich.table import Table
 
-from cryorefine.engine.filters import lowpass_filter
-from cryorefine.engine.fourier import centred_irfftn, centred_rfftn
+from cryorefine.engine.filters import lowpass_volume
 from cryorefine.engine.fsc import (
     fourier_shell_correlation,
     resolution_at_threshold,
@@ -157,20 +155,6 @@ class DatasetParams:
     pixel_size_angstrom: float = PIXEL_SIZE_ANGSTROM
 
 
-def lowpass_volume(volume: torch.Tensor, pixel_size: float, resolution: float) -> torch.Tensor:
-    """(D, D, D) volume low-pass filtered to `resolution` Å.
-
-    Raised-cosine edge two Fourier shells (2 / D cycles/px) wide, centred on the cutoff,
-    as RELION's low-pass filters.
-    """
-    shape = tuple(volume.shape)
-    edge = 2.0 / shape[-1]
-    cutoff = pixel_size / resolution - edge / 2
-    # lowpass_filter is written for images but its radial grid takes any shape.
-    filter_ft = lowpass_filter(shape, cutoff, edge, device=volume.device)  # type: ignore[arg-type]
-    return centred_irfftn(centred_rfftn(volume, 3) * filter_ft, shape)
-
-
 def truth_volume(box: int, pixel_size: float) -> torch.Tensor:
     """(box, box, box) potential of the built-in structure, centred on its centroid (V)."""
     model = read_atomic_model(builtin_structure_path())
@@ -208,7 +192,7 @@ def make_dataset(params: DatasetParams, folder: Path, console: Console) -> Path:
     scale = 1.0 / stack.noise_std
     truth = volume * scale
     write_mrc(folder / "truth.mrc", truth, params.pixel_size_angstrom, overwrite=True)
-    reference = lowpass_volume(truth, params.pixel_size_angstrom, params.initial_lowpass_angstrom)
+    reference = lowpass_volume(truth, params.initial_lowpass_angstrom, params.pixel_size_angstrom)
     write_mrc(folder / "reference.mrc", reference, params.pixel_size_angstrom, overwrite=True)
     write_star_particles(folder / TRUTH_STAR, stack.table, overwrite=True)
     blind = stack.table.copy()
@@ -226,33 +210,6 @@ def make_dataset(params: DatasetParams, folder: Path, console: Console) -> Path:
 
 
 # --------------------------------------------------------------------------- running
-
-
-def run_measured(command: Sequence[str], env: dict[str, str], log: Path, cwd: Path) -> Usage:
-    """Run `command` in `cwd` to the end, output to `log`; wall, CPU (os.wait4) and RSS."""
-    with log.open("w") as output:
-        output.write(f"$ cd {cwd} && " + " ".join(command) + "\n")
-        output.flush()
-        start = time.perf_counter()
-        process = subprocess.Popen(
-            command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd
-        )
-        peak_tree = 0
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            peak_tree = max(peak_tree, tree_rss_bytes(process.pid))
-            time.sleep(0.1)
-        wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    return Usage(
-        wall_seconds=wall,
-        cpu_seconds=usage.ru_utime + usage.ru_stime,
-        peak_rss_mib=usage.ru_maxrss / 1024,  # KiB on Linux
-        peak_tree_rss_mib=peak_tree / 2**20,
-        returncode=process.returncode,
-    )
 
 
 def relion_command(args: argparse.Namespace, output: Path) -> list[str]:

@@ -13,6 +13,7 @@ from cryorefine.engine.filters import (
     bandpass_filter,
     highpass_filter,
     lowpass_filter,
+    lowpass_volume,
     radial_power_spectrum,
     radial_profile_on_grid,
     radial_shell_frequencies,
@@ -156,6 +157,20 @@ def test_lowpass_keeps_below_cutoff_and_removes_above_edge(
     middle = (radius > cutoff + 1e-6) & (radius < cutoff + edge - 1e-6)
     ratio = (after[middle] / before[middle]).real
     assert ratio.min().item() > 0 and ratio.max().item() < 1
+
+
+def test_volume_lowpass_edge_is_centred_on_the_resolution(device: torch.device) -> None:
+    box, pixel, resolution = 32, 2.0, 8.0  # cutoff 0.25 cycles/px, edge ±1 shell
+    volume = torch.randn(box, box, box, device=device, dtype=torch.float64)
+    transfer = torch.fft.fftn(lowpass_volume(volume, resolution, pixel)) / torch.fft.fftn(volume)
+    radius = radial_frequency((box, box, box), rfft=False, device=device, dtype=torch.float64)
+    cutoff, shell = pixel / resolution, 1 / box
+    kept = transfer[radius <= cutoff - shell]
+    torch.testing.assert_close(kept, torch.ones_like(kept))
+    assert transfer[radius >= cutoff + shell].abs().max().item() < 1e-9
+    at_cutoff = transfer[(radius - cutoff).abs() < 1e-9]
+    assert at_cutoff.numel() == 6  # (±8, 0, 0) and its permutations
+    torch.testing.assert_close(at_cutoff, torch.full_like(at_cutoff, 0.5))
 
 
 def test_filter_shapes_and_edge_values(device: torch.device) -> None:

@@ -133,6 +133,21 @@ def lowpass_filter(
     return _raised_cosine_step(radius, cutoff, edge_width)
 
 
+def lowpass_volume(
+    volume: torch.Tensor, resolution_angstrom: float, pixel_size_angstrom: float
+) -> torch.Tensor:
+    """A (D, D, D) map low-passed to `resolution_angstrom`, as RELION's --ini_high.
+
+    The raised-cosine edge is two Fourier shells (2 / D cycles/px) wide and centred on
+    the cutoff pixel_size / resolution.
+    """
+    shape = tuple(volume.shape)
+    edge = 2.0 / shape[-1]
+    cutoff = pixel_size_angstrom / resolution_angstrom - edge / 2
+    transfer = lowpass_filter(shape, cutoff, edge, device=volume.device)
+    return centred_irfftn(centred_rfftn(volume, ndim=3) * transfer, shape)
+
+
 def highpass_filter(
     shape: tuple[int, int],
     cutoff: float,

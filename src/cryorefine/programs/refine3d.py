@@ -64,8 +64,8 @@ from cryorefine.engine.alignment import (
     shift_phases,
     translation_grid,
 )
-from cryorefine.engine.filters import lowpass_filter
-from cryorefine.engine.fourier import centred_irfftn, centred_rfftn
+from cryorefine.engine.filters import lowpass_volume
+from cryorefine.engine.fourier import centred_rfftn
 from cryorefine.engine.fsc import (
     fourier_shell_correlation,
     resolution_at_threshold,
@@ -370,10 +370,19 @@ def _noise_power(
 
 
 def _spread(best: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """√(Σ w · angle(best, candidate)²) in degrees; best (n,3,3), candidates (n|1, M, 3, 3)."""
-    trace = torch.einsum("nij,nmij->nm", best, candidates.expand(len(best), -1, -1, -1))
+    """√(Σ w · angle(best, candidate)²) in degrees; best (n,3,3), candidates (n|1, M, 3, 3).
+
+    Args:
+        weights: (n, M) posterior probability of each candidate.
+    """
+    best = best.double().reshape(len(best), 9)
+    candidates = candidates.double().reshape(*candidates.shape[:2], 9)
+    if candidates.shape[0] == 1:  # one grid for all: a plain product, nothing expanded
+        trace = best @ candidates[0].T
+    else:
+        trace = torch.einsum("nk,nmk->nm", best, candidates)
     angles = torch.rad2deg(torch.acos(((trace - 1) / 2).clamp(-1, 1)))
-    return torch.sqrt((weights * angles.square()).sum(-1))
+    return torch.sqrt((weights.double() * angles.square()).sum(-1))
 
 
 def align_half(
@@ -447,8 +456,10 @@ def align_half(
             result = posterior(values, hard=cross_correlation)
             unmasked = data.unmasked[chunk][:, samples.index]
             rows = torch.arange(len(chunk), device=device)
+            candidates = views if is_local else grid[None]
+            best = candidates[rows if is_local else 0, result.best_orientation]
+            spread[where] = _spread(best, candidates, result.weights.sum(1))
             if is_local:
-                best = views[rows, result.best_orientation]
                 which, slice_data, slice_weights = marginal_local_slices(
                     result.weights, unmasked, ctf, phases, KEPT_ORIENTATIONS
                 )
@@ -461,19 +472,12 @@ def align_half(
                     frequencies,
                     operators,
                 )
-                spread[where] = _spread(
-                    best.double(), views.double(), result.weights.sum(1).double()
-                )
             else:
-                best = grid[result.best_orientation]
                 batch_data, batch_weights = marginal_global_slices(
                     result.weights, unmasked, ctf, phases
                 )
                 data_sum = batch_data if data_sum is None else data_sum + batch_data
                 weight_sum = batch_weights if weight_sum is None else weight_sum + batch_weights
-                spread[where] = _spread(
-                    best.double(), grid.double()[None], result.weights.sum(1).double()
-                )
             best_rotations[where] = best.double()
             best_origins[where] = candidate_origins[rows, result.best_offset].double()
             max_probability[where] = result.max_probability.double()
@@ -591,7 +595,9 @@ def _write_iteration(
     half_maps: list[torch.Tensor],
     fsc: torch.Tensor,
     scores: dict[str, np.ndarray],
-) -> None:
+    summary: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Half maps, particles.star, fsc.csv and summary.yaml (default: the last record)."""
     folder.mkdir(parents=True, exist_ok=True)
     pixel = inputs.pixel_size_angstrom
     for index, half_map in enumerate(half_maps, start=1):
@@ -599,9 +605,11 @@ def _write_iteration(
     write_star_particles(
         folder / "particles.star", _particles_table(inputs, state, scores), overwrite=True
     )
-    _write_csv(folder / "fsc.csv", _fsc_table(fsc, inputs.box_size, pixel))
-    summary = yaml.safe_dump(state.history[-1], sort_keys=False)
-    atomic_write_text(folder / "summary.yaml", summary, overwrite=True)
+    table = _fsc_table(fsc, inputs.box_size, pixel)
+    _write_csv(folder / "fsc.csv", table)
+    text = yaml.safe_dump(state.history[-1] if summary is None else summary, sort_keys=False)
+    atomic_write_text(folder / "summary.yaml", text, overwrite=True)
+    return table
 
 
 # --------------------------------------------------------------------------- schedule
@@ -800,22 +808,6 @@ def _write_final(
     resolution: float,
 ) -> None:
     out, pixel = config.output, inputs.pixel_size_angstrom
-    for index, half_map in enumerate(half_maps, start=1):
-        write_mrc(out / f"half_map_{index}.mrc", half_map.cpu(), pixel, overwrite=True)
-    write_mrc(out / "map.mrc", full_map.cpu(), pixel, overwrite=True)
-    write_star_particles(
-        out / "particles.star", _particles_table(inputs, state, scores), overwrite=True
-    )
-    table = _fsc_table(fsc, inputs.box_size, pixel)
-    _write_csv(out / "fsc.csv", table)
-    plot_fsc_curves(
-        out / "fsc.png",
-        table["frequency_per_angstrom"].to_numpy(),
-        {"gold-standard FSC (soft sphere)": table["fsc"].to_numpy()},
-        resolution_angstrom=resolution,
-        title="refine3d: half 1 vs half 2",
-        overwrite=True,
-    )
     summary = {
         "final_resolution_angstrom": resolution,
         "iterations": state.iteration,
@@ -825,8 +817,15 @@ def _write_final(
         "symmetry": config.symmetry,
         "history": state.history,
     }
-    atomic_write_text(
-        out / "summary.yaml", yaml.safe_dump(summary, sort_keys=False), overwrite=True
+    table = _write_iteration(out, inputs, state, half_maps, fsc, scores, summary)
+    write_mrc(out / "map.mrc", full_map.cpu(), pixel, overwrite=True)
+    plot_fsc_curves(
+        out / "fsc.png",
+        table["frequency_per_angstrom"].to_numpy(),
+        {"gold-standard FSC (soft sphere)": table["fsc"].to_numpy()},
+        resolution_angstrom=resolution,
+        title="refine3d: half 1 vs half 2",
+        overwrite=True,
     )
 
 
@@ -852,14 +851,6 @@ def _start_state(config: Refine3DConfig, inputs: Inputs, device: torch.device) -
         references=[start.cpu(), start.cpu()],
         max_shells=[first_shell, first_shell],
     )
-
-
-def lowpass_volume(volume: torch.Tensor, resolution_angstrom: float, pixel: float) -> torch.Tensor:
-    """(D, D, D) volume low-pass filtered at `resolution_angstrom` (raised-cosine, 2 shells)."""
-    shape = tuple(volume.shape)
-    box = shape[-1]
-    transfer = lowpass_filter(shape, pixel / resolution_angstrom, 2.0 / box, device=volume.device)
-    return centred_irfftn(centred_rfftn(volume, ndim=3) * transfer, shape)
 
 
 def _save_state(config: Refine3DConfig, state: RefinementState) -> None:
