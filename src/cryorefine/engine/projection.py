@@ -42,8 +42,8 @@ from torch.nn.functional import grid_sample
 from cryorefine.engine.fourier import centred_irfftn, centred_rfftn, frequency_grid
 
 # Interpolation points per chunk of a batch: bounds its temporary memory to about
-# 150 bytes per point (≈ 300 MB at this default).
-DEFAULT_POINTS_PER_CHUNK = 2**21
+# 150 bytes per point (≈ 80 MB at this default).
+DEFAULT_POINTS_PER_CHUNK = 2**19
 
 # The eight corners of a trilinear stencil as (dz, dy, dx) offsets.
 _CORNERS = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]

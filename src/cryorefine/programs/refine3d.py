@@ -101,12 +101,14 @@ from cryorefine.report.fsc_plot import plot_fsc_curves
 
 #: Shells beyond a half's resolution that still enter the likelihood (RELION's incr_size).
 SHELL_MARGIN = 6
-#: Soft edge of the particle and reference masks, pixels (RELION's width_mask_edge).
+#: Soft edge of the particle and reference masks, pixels, outside the mask diameter
+#: (RELION's width_mask_edge). An edge inside it would crop an off-centre particle's
+#: low-passed reference unevenly and pull the whole refinement off centre.
 MASK_EDGE_PIXELS = 5.0
 #: Orientations back-projected per particle in local searches.
 KEPT_ORIENTATIONS = 8
-#: Memory for one batch's (particles × offsets × orientations) scores, bytes.
-SCORE_BUDGET_BYTES = 256 * 2**20
+#: Memory for one batch's scores (particles × offsets × orientations) and projections.
+SCORE_BUDGET_BYTES = 32 * 2**20
 OUTPUT_NAMES = ("particles.star", "half_map_1.mrc", "half_map_2.mrc", "map.mrc", "fsc.csv")
 
 
@@ -132,7 +134,10 @@ class Refine3DConfig(Config):
         "C1", description="Point group (RELION names: C1, C4, D2, T, O, I)."
     )
     mask_diameter_angstrom: float | None = Field(
-        None, gt=0, description="Diameter of the soft spherical mask (Å); default 90 % of the box."
+        None,
+        gt=0,
+        description="Diameter of the soft spherical mask (Å), where its 5-px raised-cosine "
+        "edge starts, as RELION's particle diameter; default 90 % of the box.",
     )
     reference_mask: Path | None = Field(
         None, description="Optional mask (MRC, values in [0, 1]) applied to the references."
@@ -420,7 +425,12 @@ def align_half(
         grid = euler_to_matrix(*angles.T).float()
         projections = extract_samples(prepared, grid, samples.frequencies)
     n_orientations = grid.shape[0]
-    batch = max(1, SCORE_BUDGET_BYTES // (12 * offsets.shape[0] * n_orientations))
+    # Per particle: its scores (float32, a few copies) and, in local searches, its own
+    # projections (complex64).
+    per_particle = n_orientations * (
+        12 * offsets.shape[0] + (8 * samples.frequencies.shape[0] if is_local else 0)
+    )
+    batch = max(1, SCORE_BUDGET_BYTES // per_particle)
 
     accumulators = [
         empty_accumulators(box, config.pad_factor, device=device, dtype=torch.float64)
@@ -624,7 +634,8 @@ def _next_sampling(
     state.best_resolution = min(state.best_resolution, resolution)
     settled = record["median_angular_change_degrees"] <= 1.05 * state.angular_step
     same_sampling = sum(1 for h in state.history if h["angular_step_degrees"] == state.angular_step)
-    if (gained and not settled) and same_sampling < 3:
+    improving = gained and same_sampling < 3
+    if improving and not settled:
         return
     next_step = state.angular_step / 2
     # An angle that moves the mask's edge by an eighth of the resolution is the finest
@@ -632,7 +643,9 @@ def _next_sampling(
     # change); the posterior spread says how well the data pin the pose down.
     resolvable = math.degrees(resolution / (8 * mask_radius))
     if next_step < max(resolvable, record["median_posterior_spread_degrees"]):
-        state.final = True
+        # The spread was measured against the previous, blurrier reference: while the
+        # resolution still improves, look again at this step before stopping.
+        state.final = not improving
         return
     state.angular_step = next_step
     state.offset_step = max(state.offset_step / 2, 0.25)
@@ -684,7 +697,7 @@ def run(
     inputs = read_inputs(config)
     box, pixel = inputs.box_size, inputs.pixel_size_angstrom
     diameter = config.mask_diameter_angstrom or 0.9 * box * pixel
-    mask_radius_pixels = diameter / 2 / pixel - MASK_EDGE_PIXELS
+    mask_radius_pixels = diameter / 2 / pixel
     n = len(inputs.table)
     console.print(
         f"[bold]cryorefine refine3d[/]: {n} particles ({int((inputs.halves == 1).sum())} + "
