@@ -5,8 +5,9 @@ that are refined against their own references and never mixed until the final ma
 Each iteration, for each half:
 
 1. Expectation (engine.alignment). The reference, solvent-flattened by a soft sphere of
-   the mask diameter (and an optional reference mask), is projected at the Fourier
-   samples up to the half's current resolution plus a margin (RELION's "current size").
+   the mask diameter (its 5-px edge outside, as RELION's; and an optional reference
+   mask), is projected at the Fourier samples up to the half's current resolution plus
+   a margin (RELION's "current size").
    Every particle image (soft-circle masked) is scored against every orientation ×
    offset: a global grid over the asymmetric unit while the angular step is coarse,
    then a ball of orientations around each particle's pose (local searches), with
@@ -26,8 +27,9 @@ Each iteration, for each half:
    RELION): when the resolution stops improving and the median pose change is within
    the step, the angular and offset steps halve (local searches from
    `local_searches_from_degrees`). Once the next step would be finer than both the
-   particles' posterior spread and what the resolution can resolve at the mask radius,
-   one last iteration runs at Nyquist and the halves are joined into map.mrc.
+   particles' posterior spread and an eighth of the resolution at the mask radius (and
+   the resolution has stopped improving at this step), one last iteration runs at
+   Nyquist and the halves are joined into map.mrc.
 
 Outputs in the output folder: half_map_1.mrc, half_map_2.mrc, map.mrc, fsc.csv,
 fsc.png, particles.star (refined angles, origins in Å, rlnRandomSubset,
