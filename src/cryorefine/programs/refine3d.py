@@ -278,7 +278,7 @@ def _halves(table: pd.DataFrame, seed: int, star: Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ParticleData:
-    """Image transforms and CTFs of all particles on the (D, D//2+1) grid, flattened.
+    """Image transforms and CTFs of a batch of particles on the (D, D//2+1) grid, flattened.
 
     masked: soft-circle-masked images (for alignment); unmasked: for back-projection;
     ctf: real. All (n, D·(D//2+1)), float32/complex64, on the compute device.
@@ -289,27 +289,32 @@ class ParticleData:
     ctf: torch.Tensor
 
 
-def load_particles(
-    inputs: Inputs, mask_radius_pixels: float, device: torch.device, batch: int = 512
-) -> ParticleData:
-    """Read, transform and CTF every particle once."""
-    table, box = inputs.table, inputs.box_size
-    names = table["rlnImageName"].astype(str).tolist()
-    circle = soft_circle_mask(box, mask_radius_pixels, MASK_EDGE_PIXELS, device=device)
-    masked, unmasked, ctfs = [], [], []
-    for start in range(0, len(table), batch):
-        pixels = read_particle_images(names[start : start + batch], inputs.star_folder)
-        images = torch.from_numpy(pixels.astype(np.float32)).to(device)
+@dataclass(frozen=True)
+class ParticleSource:
+    """Reads particles batch by batch from their memory-mapped stacks.
+
+    Nothing is kept between batches, so memory does not grow with the number of
+    particles; the page cache makes later iterations' re-reads cheap.
+    """
+
+    inputs: Inputs
+    circle: torch.Tensor  # (D, D) soft circle that the alignment images are masked with
+
+    def load(self, indices: torch.Tensor) -> ParticleData:
+        """The particles at `indices` (rows of the particles table)."""
+        rows = self.inputs.table.iloc[indices.cpu().numpy()]
+        pixels = read_particle_images(
+            rows["rlnImageName"].astype(str).tolist(), self.inputs.star_folder
+        )
+        images = torch.from_numpy(pixels).to(self.circle.device)
         # Normalised particles have a zero-mean background; keep the masked ones so too.
         background = images.mean(dim=(-2, -1), keepdim=True)
-        unmasked.append(centred_rfftn(images, ndim=2).reshape(len(images), -1))
-        masked.append(
-            centred_rfftn((images - background) * circle, ndim=2).reshape(len(images), -1)
-        )
-        rows = table.iloc[start : start + batch]
-        ctf = particle_ctfs(rows, box, inputs.pixel_size_angstrom, device)
-        ctfs.append(ctf.float().reshape(len(rows), -1))
-    return ParticleData(torch.cat(masked), torch.cat(unmasked), torch.cat(ctfs))
+        n = len(rows)
+        masked = centred_rfftn((images - background) * self.circle, ndim=2).reshape(n, -1)
+        unmasked = centred_rfftn(images, ndim=2).reshape(n, -1)
+        box, pixel = self.inputs.box_size, self.inputs.pixel_size_angstrom
+        ctf = particle_ctfs(rows, box, pixel, self.circle.device).float().reshape(n, -1)
+        return ParticleData(masked, unmasked, ctf)
 
 
 # --------------------------------------------------------------------------- state
@@ -353,7 +358,7 @@ class HalfResult:
 
 def _noise_power(
     prepared: Any,
-    data: ParticleData,
+    particles: ParticleSource,
     members: torch.Tensor,
     rotations: torch.Tensor,
     origins: torch.Tensor,
@@ -365,10 +370,11 @@ def _noise_power(
     totals = torch.zeros(n_shells, dtype=torch.float64, device=members.device)
     counts = torch.zeros(n_shells, dtype=torch.float64, device=members.device)
     for chunk in members.split(1024):
+        loaded = particles.load(chunk)
         projections = extract_samples(prepared, rotations[chunk].float(), samples.frequencies)
         phases = shift_phases(samples.frequencies, origins[chunk].float())
-        images = data.masked[chunk][:, samples.index] * phases
-        residual = images - data.ctf[chunk][:, samples.index] * projections
+        images = loaded.masked[:, samples.index] * phases
+        residual = images - loaded.ctf[:, samples.index] * projections
         power = (residual.real.square() + residual.imag.square()) * samples.multiplicity
         totals.index_add_(0, samples.shells, power.sum(0).double())
         counts.index_add_(0, samples.shells, samples.multiplicity.double() * len(chunk))
@@ -394,7 +400,7 @@ def _spread(best: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor)
 
 def align_half(
     reference: torch.Tensor,
-    data: ParticleData,
+    particles: ParticleSource,
     members: torch.Tensor,
     state: RefinementState,
     half_index: int,
@@ -415,7 +421,9 @@ def align_half(
     noise = (
         torch.ones(1, device=device)
         if cross_correlation
-        else _noise_power(prepared, data, members, state.rotations, state.origins, samples, box)
+        else _noise_power(
+            prepared, particles, members, state.rotations, state.origins, samples, box
+        )
     )
     offsets = translation_grid(state.offset_range, state.offset_step, device=device)
     is_local = state.angular_step <= config.local_searches_from_degrees + 1e-9
@@ -454,8 +462,9 @@ def align_half(
             centres = state.origins[chunk].float()
             candidate_origins = centres[:, None, :] + offsets[None]
             phases = shift_phases(frequencies, candidate_origins)
-            images = data.masked[chunk][:, samples.index]
-            ctf = data.ctf[chunk][:, samples.index]
+            loaded = particles.load(chunk)
+            images = loaded.masked[:, samples.index]
+            ctf = loaded.ctf[:, samples.index]
             terms = particle_terms(images, ctf, noise, samples, phases)
             if is_local:
                 views = state.rotations[chunk].float()[:, None] @ grid
@@ -466,7 +475,7 @@ def align_half(
                 scores.cross_correlations(terms) if cross_correlation else scores.log_likelihoods()
             )
             result = posterior(values, hard=cross_correlation)
-            unmasked = data.unmasked[chunk][:, samples.index]
+            unmasked = loaded.unmasked[:, samples.index]
             rows = torch.arange(len(chunk), device=device)
             candidates = views if is_local else grid[None]
             best = candidates[rows if is_local else 0, result.best_orientation]
@@ -710,7 +719,8 @@ def run(
     )
     config.output.mkdir(parents=True, exist_ok=True)
     save_resolved_config(config, config.output / "refine3d.config.yaml")
-    data = load_particles(inputs, mask_radius_pixels, device)
+    circle = soft_circle_mask(box, mask_radius_pixels, MASK_EDGE_PIXELS, device=device)
+    particles = ParticleSource(inputs, circle)
     solvent_mask = soft_sphere_mask(box, mask_radius_pixels, MASK_EDGE_PIXELS, device=device)
     operators = symmetry_operators(config.symmetry, dtype=torch.float64, device=device)
     members = [torch.from_numpy(np.nonzero(inputs.halves == h)[0]).to(device) for h in (1, 2)]
@@ -724,7 +734,7 @@ def run(
         results = [
             align_half(
                 state.references[h].to(device),
-                data,
+                particles,
                 members[h],
                 state,
                 h,
