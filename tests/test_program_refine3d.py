@@ -25,11 +25,11 @@ from cryorefine.engine.fsc import (
     resolution_at_threshold,
     shell_frequencies,
 )
-from cryorefine.engine.masks import soft_sphere_mask
+from cryorefine.engine.masks import soft_circle_mask, soft_sphere_mask
 from cryorefine.engine.so3 import euler_to_matrix
 from cryorefine.engine.symmetry import symmetric_angular_distance, symmetry_operators
 from cryorefine.errors import CryorefineError
-from cryorefine.io.mrc import read_mrc, write_mrc
+from cryorefine.io.mrc import read_mrc, read_particle_images, write_mrc
 from cryorefine.io.star import read_star_particles, write_star_particles
 from cryorefine.programs import refine3d
 from cryorefine.programs.reconstruct import ReconstructConfig
@@ -243,6 +243,22 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory, truth: torch.Tensor)
     folder = tmp_path_factory.mktemp("small")
     write_dataset(folder, truth, n=160, seed=3, snr=0.2)
     return folder
+
+
+def test_particles_load_the_same_in_any_batch(small_dataset: Path, tmp_path: Path) -> None:
+    inputs = refine3d.read_inputs(small_config(small_dataset, tmp_path / "job"))
+    circle = soft_circle_mask(inputs.box_size, 8.0, refine3d.MASK_EDGE_PIXELS)
+    source = refine3d.ParticleSource(inputs, circle)
+    everything = source.load(torch.arange(len(inputs.table)))
+    picked = torch.tensor([17, 3, 150, 3, 0])  # any order, repeats allowed
+    some = source.load(picked)
+    for name in ("masked", "unmasked", "ctf"):
+        torch.testing.assert_close(getattr(some, name), getattr(everything, name)[picked])
+    # The unmasked transform is the image's: its DC term is the image's sum.
+    images = torch.from_numpy(
+        read_particle_images(inputs.table["rlnImageName"].tolist()[:1], small_dataset)
+    )
+    torch.testing.assert_close(everything.unmasked[0, 0].real, images.sum(), rtol=1e-5, atol=1e-3)
 
 
 def test_half_1_never_sees_half_2(small_dataset: Path, tmp_path: Path) -> None:
