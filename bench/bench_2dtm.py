@@ -58,7 +58,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -703,20 +703,27 @@ def rows(measurements: list[Measurement]) -> list[list[str]]:
     return out
 
 
-def markdown(table_rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows]
+def markdown(columns: Sequence[str], rows: list[list[str]]) -> str:
+    """A Markdown table of `rows` under the header `columns`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def print_table(console: Console, table_rows: list[list[str]], title: str) -> None:
+def print_table(
+    console: Console,
+    columns: Sequence[str],
+    rows: list[list[str]],
+    title: str,
+    left: Collection[str] = (),
+    emphasise: Callable[[list[str]], bool] = lambda row: False,
+) -> None:
+    """A rich table: the `left` columns left-aligned, the others right; `emphasise`d rows bold."""
     table = Table(title=title)
-    for column in COLUMNS:
-        table.add_column(
-            column, justify="left" if column in ("task", "program", "found") else "right"
-        )
-    for row in table_rows:
-        table.add_row(*row, style="bold" if row[1].startswith("ratio") else None)
+    for column in columns:
+        table.add_column(column, justify="left" if column in left else "right")
+    for row in rows:
+        table.add_row(*row, style="bold" if emphasise(row) else None)
     console.print(table)
 
 
@@ -808,7 +815,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     table_rows = rows(measurements)
     title = f"cryorefine vs Leopard-EM 1.3.0, {args.device}, {args.threads} threads each"
-    print_table(console, table_rows, title)
+    print_table(
+        console,
+        COLUMNS,
+        table_rows,
+        title,
+        left=("task", "program", "found"),
+        emphasise=lambda row: row[1].startswith("ratio"),
+    )
     command = "$ .venv/bin/python bench/bench_2dtm.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
@@ -819,7 +833,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{LEOPARD_H100_4096_CORRELATIONS_PER_SECOND} correlations/s.\n"
         )
     console.print(notes, highlight=False)
-    (args.work_dir / "results.md").write_text(f"### {title}\n\n{markdown(table_rows)}{notes}")
+    text = f"### {title}\n\n{markdown(COLUMNS, table_rows)}{notes}"
+    (args.work_dir / "results.md").write_text(text)
 
 
 if __name__ == "__main__":

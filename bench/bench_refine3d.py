@@ -79,9 +79,8 @@ import torch
 import yaml
 
 # bench/ is sys.path[0] when this script runs: the process-tree measurement is shared.
-from bench_2dtm import Usage, child_env, run_measured
+from bench_2dtm import Usage, child_env, markdown, print_table, run_measured
 from rich.console import Console
-from rich.table import Table
 
 from cryorefine.engine.filters import lowpass_volume
 from cryorefine.engine.fsc import (
@@ -604,21 +603,6 @@ def table_rows(results: dict[str, Result]) -> list[list[str]]:
     return rows
 
 
-def markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def print_table(console: Console, rows: list[list[str]], title: str) -> None:
-    table = Table(title=title)
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "program" else "right")
-    for row in rows:
-        table.add_row(*row, style="bold" if row[0].startswith("ours /") else None)
-    console.print(table)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -686,8 +670,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "2 cores"
     )
     rows = table_rows(results)
-    print_table(console, rows, title)
-    (work / "results.md").write_text(f"{title}\n\n{markdown(rows)}")
+    print_table(
+        console,
+        COLUMNS,
+        rows,
+        title,
+        left=("program",),
+        emphasise=lambda row: row[0].startswith("ours /"),
+    )
+    (work / "results.md").write_text(f"{title}\n\n{markdown(COLUMNS, rows)}")
     record = {
         "dataset": asdict(params),
         "results": {
