@@ -17,6 +17,7 @@ from cryorefine.engine.filters import (
     radial_power_spectrum,
     radial_profile_on_grid,
     radial_shell_frequencies,
+    radial_shell_mean,
     whiten,
     whitening_filter,
 )
@@ -129,6 +130,18 @@ def test_whitening_filter_batches_and_moves_to_other_grids(device: torch.device)
     assert small.shape == (2, 32, 17)
     torch.testing.assert_close(small[:, 0, :17], batch[:, 0, 0:33:2])
     torch.testing.assert_close(small[:, 5, 0], batch[:, 10, 0])
+
+
+def test_shell_mean_of_a_constant_is_that_constant_where_samples_reach() -> None:
+    shape = (6, 6)  # |k| takes few values: fine shells between them stay empty
+    values = torch.full((2, 6, 4), 3.0, dtype=torch.float64)
+    means = radial_shell_mean(values, shape, shell_width=0.01, n_shells=100)
+    reached = means[0] != 0
+    assert 0 < int(reached.sum()) < 100
+    torch.testing.assert_close(means[:, reached], torch.full_like(means[:, reached], 3.0))
+    # Samples beyond the last shell (|k| up to 0.71) count in it.
+    coarse = radial_shell_mean(values, shape, shell_width=0.1, n_shells=3)
+    torch.testing.assert_close(coarse, torch.full_like(coarse, 3.0))
 
 
 def test_profile_interpolation_is_exact_for_a_linear_profile(device: torch.device) -> None:

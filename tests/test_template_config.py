@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from cryorefine.config import save_resolved_config
-from cryorefine.engine.filters import radial_power_spectrum, whitening_filter
+from cryorefine.engine.filters import radial_power_spectrum, radial_shell_mean, whitening_filter
 from cryorefine.engine.fourier import radial_frequency
 from cryorefine.engine.so3 import euler_to_matrix
 from cryorefine.engine.so3_grid import distance_to_grid, global_orientation_grid
@@ -713,7 +713,7 @@ def test_full_plane_shell_mean_matches_the_engine_power_spectrum() -> None:
     shape = (40, 52)
     n_shells = len(radial_power_spectrum(image))
     power = torch.fft.rfftn(image).abs().square()
-    ours = tc._full_plane_shell_mean(power, shape, 1.0 / 52, n_shells) / (40 * 52)
+    ours = radial_shell_mean(power, shape, 1.0 / 52, n_shells) / (40 * 52)
     assert torch.allclose(ours, radial_power_spectrum(image), rtol=1e-10)
 
 

@@ -214,24 +214,42 @@ def _shell_count(shape: tuple[int, int]) -> int:
     return math.ceil(corner * max(shape) - 1e-9) + 1
 
 
-def _radial_mean(values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Full-plane, linearly binned mean of real rfft-layout (..., h, w // 2 + 1) -> (..., n)."""
-    n_shells = _shell_count(shape)
-    position = radial_frequency(shape, device=values.device, dtype=torch.float64) * max(shape)
-    lower = position.floor().long().clamp(max=n_shells - 1)
+def radial_shell_mean(
+    values: torch.Tensor, shape: tuple[int, int], shell_width: float, n_shells: int
+) -> torch.Tensor:
+    """Linearly binned mean of rfft-layout values over the full Fourier plane.
+
+    Shell i stands for |k| = i · shell_width (cycles/pixel); a sample at i + t shells
+    counts 1 − t in shell i and t in shell i + 1; samples beyond the last shell count
+    in it. Columns 1 .. (w − 1) // 2 also stand for their hidden mirror samples.
+
+    Args:
+        values: real (..., h, w // 2 + 1).
+        shape: (h, w) of the real-space image.
+
+    Returns:
+        (..., n_shells); 0 in a shell no sample reaches.
+    """
+    position = radial_frequency(shape, device=values.device, dtype=torch.float64) / shell_width
+    position = position.clamp(max=n_shells - 1)
+    lower = position.floor().long().clamp(max=max(n_shells - 2, 0))
     upper = (lower + 1).clamp(max=n_shells - 1)
     fraction = (position - lower).to(values.dtype)
-    # Columns 1 .. (w − 1) // 2 also stand for their mirror samples in the hidden half.
     mirror = torch.full((shape[1] // 2 + 1,), 2.0, device=values.device, dtype=values.dtype)
     mirror[0] = 1.0
     if shape[1] % 2 == 0:
         mirror[-1] = 1.0
-    weight_upper = (mirror * fraction).reshape(-1)
     weight_lower = (mirror * (1.0 - fraction)).reshape(-1)
+    weight_upper = (mirror * fraction).reshape(-1)
     lower, upper = lower.reshape(-1), upper.reshape(-1)
     flat = values.reshape(*values.shape[:-2], -1)
     sums = torch.zeros(*values.shape[:-2], n_shells, device=values.device, dtype=values.dtype)
     sums = sums.index_add(-1, lower, flat * weight_lower).index_add(-1, upper, flat * weight_upper)
     counts = torch.zeros(n_shells, device=values.device, dtype=values.dtype)
     counts = counts.index_add(0, lower, weight_lower).index_add(0, upper, weight_upper)
-    return sums / counts
+    return torch.where(counts > 0, sums / counts.clamp(min=1e-30), 0.0)
+
+
+def _radial_mean(values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Full-plane, linearly binned mean of real rfft-layout (..., h, w // 2 + 1) -> (..., n)."""
+    return radial_shell_mean(values, shape, 1.0 / max(shape), _shell_count(shape))

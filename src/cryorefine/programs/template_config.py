@@ -52,6 +52,7 @@ from cryorefine.engine.filters import (
     radial_power_spectrum,
     radial_profile_on_grid,
     radial_shell_frequencies,
+    radial_shell_mean,
 )
 from cryorefine.engine.fourier import radial_frequency
 from cryorefine.engine.so3_grid import global_orientation_grid, local_rotation_offsets
@@ -554,42 +555,6 @@ class RefineOrientationConfig(Config):
 # --------------------------------------------------------------------------- filters
 
 
-def _full_plane_shell_mean(
-    values: torch.Tensor, shape: tuple[int, int], shell_width: float, n_shells: int
-) -> torch.Tensor:
-    """Linearly binned mean of rfft-layout values over the full Fourier plane.
-
-    Shell i stands for |k| = i · shell_width (cycles/pixel); a sample at i + t shells
-    counts 1 − t in shell i and t in shell i + 1; samples beyond the last shell count
-    in it. Columns 1 .. (w − 1) // 2 also stand for their hidden mirror samples.
-
-    Args:
-        values: real (h, w // 2 + 1).
-
-    Returns:
-        (n_shells,); 0 in a shell no sample reaches.
-    """
-    position = radial_frequency(shape, device=values.device, dtype=torch.float64) / shell_width
-    position = position.clamp(max=n_shells - 1)
-    lower = position.floor().long().clamp(max=max(n_shells - 2, 0))
-    upper = (lower + 1).clamp(max=n_shells - 1)
-    fraction = (position - lower).to(values.dtype)
-    mirror = torch.full((shape[1] // 2 + 1,), 2.0, device=values.device, dtype=values.dtype)
-    mirror[0] = 1.0
-    if shape[1] % 2 == 0:
-        mirror[-1] = 1.0
-    weight_lower = (mirror * (1.0 - fraction)).reshape(-1)
-    weight_upper = (mirror * fraction).reshape(-1)
-    flat = values.reshape(-1)
-    sums = values.new_zeros(n_shells)
-    sums = sums.index_add(0, lower.reshape(-1), flat * weight_lower)
-    sums = sums.index_add(0, upper.reshape(-1), flat * weight_upper)
-    counts = values.new_zeros(n_shells)
-    counts = counts.index_add(0, lower.reshape(-1), weight_lower)
-    counts = counts.index_add(0, upper.reshape(-1), weight_upper)
-    return torch.where(counts > 0, sums / counts.clamp(min=1e-30), 0.0)
-
-
 class WhiteningFilterConfig(Config):
     """Whitening: 1 / (radially averaged amplitude spectrum of the micrograph).
 
@@ -650,9 +615,9 @@ class WhiteningFilterConfig(Config):
             magnitude[0, 0] = 0.0
             if self.do_power_spectrum:
                 power = magnitude.square()
-                amplitude = _full_plane_shell_mean(power, image_shape, shell_width, n_shells).sqrt()
+                amplitude = radial_shell_mean(power, image_shape, shell_width, n_shells).sqrt()
             else:
-                amplitude = _full_plane_shell_mean(magnitude, image_shape, shell_width, n_shells)
+                amplitude = radial_shell_mean(magnitude, image_shape, shell_width, n_shells)
         profile = torch.where(amplitude > 0, 1.0 / amplitude.clamp(min=1e-30), 0.0)
         frequencies = torch.arange(n_shells, device=profile.device, dtype=profile.dtype)
         beyond = (
