@@ -28,11 +28,10 @@ from cryorefine.config import Config, save_resolved_config
 from cryorefine.engine.masks import soft_sphere_mask
 from cryorefine.engine.volume_masks import threshold_mask
 from cryorefine.errors import CryorefineError
-from cryorefine.io.atomic import refuse_overwrite
 from cryorefine.io.mrc import write_mrc
 from cryorefine.io.volumes import cubic_map_info, map_pixel_size, read_map
 from cryorefine.parallel.device import resolve_device
-from cryorefine.programs.reconstruct import config_path_for
+from cryorefine.programs.reconstruct import claim_map_output
 
 
 class MaskConfig(Config):
@@ -96,9 +95,7 @@ class MaskResult:
 def run(config: MaskConfig, console: Console | None = None) -> MaskResult:
     """Make the mask `config` describes (module docstring) and write it."""
     console = console or Console()
-    config_path = config_path_for(config.output)
-    refuse_overwrite(config.output, config.overwrite)
-    refuse_overwrite(config_path, config.overwrite)
+    config_path = claim_map_output(config.output, config.overwrite)
     device = resolve_device(config.device)
     info = None if config.map is None else cubic_map_info(config.map, "map")
     if info is not None:

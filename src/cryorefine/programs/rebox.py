@@ -25,11 +25,10 @@ from rich.console import Console
 
 from cryorefine.config import Config, save_resolved_config
 from cryorefine.engine.rebox import crop_or_pad, fourier_resample, resampled_size
-from cryorefine.io.atomic import refuse_overwrite
 from cryorefine.io.mrc import write_mrc
 from cryorefine.io.volumes import cubic_map_info, map_pixel_size, read_map
 from cryorefine.parallel.device import resolve_device
-from cryorefine.programs.reconstruct import config_path_for
+from cryorefine.programs.reconstruct import claim_map_output
 
 #: Relative difference between asked and achieved pixel size that is worth a note.
 _PIXEL_NOTE = 1e-6
@@ -75,9 +74,7 @@ class ReboxResult:
 def run(config: ReboxConfig, console: Console | None = None) -> ReboxResult:
     """Rebox / resample the map as `config` says (module docstring) and write it."""
     console = console or Console()
-    config_path = config_path_for(config.output)
-    refuse_overwrite(config.output, config.overwrite)
-    refuse_overwrite(config_path, config.overwrite)
+    config_path = claim_map_output(config.output, config.overwrite)
     device = resolve_device(config.device)
     info = cubic_map_info(config.map, "map")
     pixel = map_pixel_size(info, config.input_pixel_size_angstrom, "map")

@@ -117,6 +117,18 @@ def config_path_for(output: Path) -> Path:
     return output.with_name(f"{output.stem}.config.yaml")
 
 
+def claim_map_output(output: Path, overwrite: bool) -> Path:
+    """Refuse (before any compute) to replace a map or its config unless `overwrite`.
+
+    Returns:
+        `config_path_for(output)`, where the resolved config is to be saved.
+    """
+    config_path = config_path_for(output)
+    refuse_overwrite(output, overwrite)
+    refuse_overwrite(config_path, overwrite)
+    return config_path
+
+
 def _single_value(table: pd.DataFrame, column: str, path: Path, fix: str) -> float:
     values = np.unique(table[column].to_numpy(dtype=np.float64))
     if not np.allclose(values, values[0], rtol=1e-6, atol=0.0):
@@ -273,9 +285,7 @@ def run(config: ReconstructConfig, console: Console | None = None) -> Reconstruc
     """Reconstruct the map described by `config` (see the module docstring) and write it."""
     console = console or Console()
     output = config.output
-    config_path = config_path_for(output)
-    refuse_overwrite(output, config.overwrite)
-    refuse_overwrite(config_path, config.overwrite)
+    config_path = claim_map_output(output, config.overwrite)
     device = resolve_device(config.device)
     inputs = _read_inputs(config)
     console.print(_describe(config, inputs, device), highlight=False)
