@@ -39,6 +39,7 @@ from cryorefine.io.mrc import read_mrc
 from cryorefine.io.particles import require_columns
 from cryorefine.io.star import write_star_particles
 from cryorefine.programs.match_template import check_pixel_size, read_micrograph_file
+from cryorefine.programs.reconstruct import CTF_COLUMNS
 from cryorefine.programs.template_config import PreprocessingFilters, RefineTemplateConfig
 
 REQUIRED_COLUMNS = [
@@ -48,12 +49,7 @@ REQUIRED_COLUMNS = [
     "rlnAngleRot",
     "rlnAngleTilt",
     "rlnAnglePsi",
-    "rlnDefocusU",
-    "rlnDefocusV",
-    "rlnDefocusAngle",
-    "rlnVoltage",
-    "rlnSphericalAberration",
-    "rlnAmplitudeContrast",
+    *CTF_COLUMNS,
     "rlnMicrographPixelSize",
 ]
 
