@@ -10,14 +10,19 @@ import torch
 from cryorefine.engine.correlate import cross_correlate, pad_template
 from cryorefine.engine.ctf import ctf_2d
 from cryorefine.engine.filters import whitening_filter
+from cryorefine.engine.peaks import valid_region
+from cryorefine.engine.projection import extract_slices, prepare_for_projection
 from cryorefine.engine.search_statistics import SearchStatistics
+from cryorefine.engine.so3 import euler_to_matrix
 from cryorefine.engine.template_matching import (
     correlate_planes,
     hermitian_consistent,
     normalised_filtered_image,
     prepare_planes,
     projection_norms,
+    projections_from_slices,
 )
+from cryorefine.engine.template_search import search
 
 
 def _filters(image: torch.Tensor, n_planes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +108,7 @@ def test_statistics_equal_a_recomputation_for_any_batch_size(device: torch.devic
         for start in range(0, 23, batch):
             statistics.update(maps[start : start + batch], start)
         torch.testing.assert_close(statistics.mip, maps.max(0).values)
-        torch.testing.assert_close(statistics.best_index, maps.argmax(0))
+        torch.testing.assert_close(statistics.best_index.long(), maps.argmax(0))
         torch.testing.assert_close(statistics.mean(), maps.mean(0), atol=1e-6, rtol=0)
         torch.testing.assert_close(statistics.std(), maps.std(0, correction=0), atol=1e-6, rtol=0)
         z = (maps.max(0).values - maps.mean(0)) / maps.std(0, correction=0)
@@ -121,3 +126,54 @@ def test_statistics_survive_a_state_dict_round_trip() -> None:
         assert torch.equal(getattr(restored, name), getattr(statistics, name))
     assert restored.count == statistics.count == 6
     assert math.isfinite(float(restored.z_score().sum()))
+
+
+def test_compiled_and_eager_statistics_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused (inductor) fold gives the eager fold's maximum, index and squares."""
+    generator = torch.Generator().manual_seed(5)
+    maps = torch.randn(11, 40, 48, generator=generator)
+    scales = torch.rand(11, generator=generator) + 0.5
+    results = []
+    for compiled in ("1", "0"):
+        monkeypatch.setenv("CRYOREFINE_COMPILE", compiled)
+        statistics = SearchStatistics.empty((40, 48))
+        for first in range(0, 11, 4):
+            group = slice(first, min(first + 4, 11))
+            statistics.fold(maps[group], scales[group], torch.arange(11)[group])
+        statistics.flush()
+        results.append(statistics)
+    scaled = maps * scales[:, None, None]
+    for statistics in results:
+        torch.testing.assert_close(statistics.mip, scaled.max(0).values)
+        torch.testing.assert_close(statistics.best_index.long(), scaled.argmax(0))
+        torch.testing.assert_close(
+            statistics.total_squares, scaled.double().square().sum(0), rtol=1e-6, atol=0
+        )
+
+
+def test_search_statistics_equal_a_recomputation_for_any_batch_size(device: torch.device) -> None:
+    """search() against every (plane, orientation) map computed one by one."""
+
+    generator = torch.Generator().manual_seed(6)
+    volume = torch.randn(16, 16, 16, generator=generator).to(device)
+    prepared = prepare_for_projection(volume)
+    angles = torch.rand(7, 3, generator=generator, dtype=torch.float64) * 180.0
+    rotations = euler_to_matrix(*angles.unbind(-1)).float().to(device)
+    image = torch.randn(48, 56, generator=generator).cumsum(-1).to(device)
+    image_filter, plane_filters = _filters(image, 3)
+    planes = prepare_planes(image, image_filter, plane_filters, 16)
+    projections = projections_from_slices(extract_slices(prepared, rotations))
+    maps = torch.stack([scores for _, scores in correlate_planes(planes, projections)])
+    maps = maps.flatten(0, 1).double()  # index = plane · 7 + orientation
+    rows, columns = valid_region((48, 56), 16)
+    for batch_size in (1, 3, 7):
+        statistics = search(prepared, planes, rotations, batch_size)
+        inside = (slice(None), rows, columns)
+        mip = statistics.mip[rows, columns].double()
+        torch.testing.assert_close(mip, maps[inside].max(0).values, atol=1e-5, rtol=0)
+        assert torch.equal(statistics.best_index[rows, columns].long(), maps[inside].argmax(0))
+        mean, std = statistics.mean(), statistics.std()
+        torch.testing.assert_close(mean.double(), maps.mean(0), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            std[rows, columns].double(), maps[inside].std(0, correction=0), atol=1e-5, rtol=0
+        )

@@ -13,11 +13,14 @@ Unlike filtering on the template's own D × D grid, G_d is applied on the
 micrograph's grid, which is the CTF's true action (the CTF spreads a particle's
 signal beyond its box) and lets the expensive part be shared:
 
-- planes: S_d = M̂ · G_d · e, one per defocus plane, computed once per micrograph
-  (e is the phase ramp that moves a projection transformed at the corner of the
-  micrograph grid to its centre), so each projection is transformed only once,
-  whatever the number of planes (`projection_transforms`).
-- per projection and plane: one half-size complex product and one inverse FFT.
+- planes: S_d = M̂ · G_d · e, one per defocus plane, computed once per micrograph,
+  so each projection is transformed only once, whatever the number of planes
+  (`conjugate_transforms`). The correlation needs conj(P̂); for a real projection
+  that is the transform of the projection flipped in both axes, times a phase
+  ramp, and e holds that ramp together with the move from the corner of the
+  micrograph grid to its centre (`centring_ramp`).
+- per projection and plane: one half-size complex product and one inverse FFT
+  (`inverse_correlation`).
 - ‖f‖² = Σ_k |P̂(k)|² G_d(k)² / (H W) needs no full-size transform: by Parseval it
   equals Σ_Δ a_p(Δ) κ_d(Δ), a_p the projection's autocorrelation (lags |Δ| < D)
   and κ_d = irfft2(G_d²) (`norm_kernels`), a small matrix product per batch.
@@ -197,7 +200,10 @@ def prepare_planes(
     if normalise:
         image = normalised_filtered_image(image, image_filter)
     image_ft = torch.fft.rfftn(image.float())
-    ramp = centring_ramp((height, width), template_size // 2, device=image.device)
+    # conj(P̂) = ω^(−k(D−1)) · FFT(flipped p) with ω = exp(−2πi/N); with the move of
+    # the projection's centre D//2 from the corner that is one roll by D//2 − D + 1.
+    shift = template_size // 2 - template_size + 1
+    ramp = centring_ramp((height, width), shift, device=image.device)
     spectra = image_ft * ramp * plane_filters
     # Parseval on whichever grid is smaller: the image's half grid (a box) or the
     # (2D)² lags of the projection's autocorrelation (a whole micrograph).
@@ -237,20 +243,66 @@ def projections_from_slices(slices: torch.Tensor) -> torch.Tensor:
     return centred_irfftn(slices, (size, size)).float()
 
 
-def projection_transforms(projections: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
-    """Half transforms of projections laid at the corner (0, 0) of the image grid.
+def conjugate_transforms(
+    projections: torch.Tensor,
+    image_shape: tuple[int, int],
+    out: torch.Tensor | None = None,
+    padded: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Half transforms of projections flipped in both axes, laid at the corner of the image grid.
+
+    For real projections this is conj(P̂) (P̂: the projection's transform at the
+    corner) times a phase ramp that `prepare_planes` folds into the planes, so the
+    correlation needs no conjugate pass. |conjugate_transforms|² = |P̂|².
 
     Args:
         projections: real (B, D, D).
         image_shape: (H, W).
+        out: complex (B, H, W // 2 + 1) to write into, or None.
+        padded: real (B, H, W) scratch, zero outside its corner D × D, kept between
+            calls: on a CPU, padding into fresh memory costs more than the FFT.
 
     Returns:
         complex (B, H, W // 2 + 1).
     """
-    # rfftn pads at the end, i.e. puts the projection at the corner; the planes'
-    # centring ramp moves it to the centre. (Transforming only the D non-zero rows
-    # first and the columns after is slower on a CPU: strided column FFTs.)
-    return torch.fft.rfftn(projections, s=image_shape, dim=(-2, -1))
+    flipped = projections.flip(-2, -1)
+    if padded is None:
+        return torch.fft.rfftn(flipped, s=image_shape, dim=(-2, -1), out=out)
+    size = projections.shape[-1]
+    padded[..., :size, :size] = flipped
+    return torch.fft.rfftn(padded, dim=(-2, -1), out=out)
+
+
+def inverse_correlation(
+    product: torch.Tensor,
+    width: int,
+    rows: slice = slice(None),
+    columns: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Real maps from half-grid products, only the rows asked for.
+
+    Columns first, then the half-length rows: irfftn's 2D c2r copies its input once
+    more on a CPU, and the row pass can skip rows nobody reads.
+
+    Args:
+        product: complex (..., H, W // 2 + 1).
+        width: W.
+        rows: output rows wanted.
+        columns: complex (..., H, W // 2 + 1) scratch for the column pass, or None.
+        out: real (..., R, W) for the R rows, or None.
+
+    Returns:
+        real (..., R, W).
+    """
+    columns = torch.fft.ifft(product, dim=-2, out=columns)
+    return torch.fft.irfft(columns[..., rows, :], n=width, dim=-1, out=out)
+
+
+def inverse_norms(norms: torch.Tensor) -> torch.Tensor:
+    """1 / norms, 0 where a filtered projection is blank (its correlations are all 0)."""
+    tiny = torch.finfo(norms.dtype).tiny
+    return torch.where(norms > 0, 1.0 / norms.clamp(min=tiny), 0.0)
 
 
 def autocorrelations(projections: torch.Tensor) -> torch.Tensor:
@@ -260,7 +312,7 @@ def autocorrelations(projections: torch.Tensor) -> torch.Tensor:
         real (B, 2D, 2D), lag layout of `norm_kernels`.
     """
     size = projections.shape[-1]
-    spectrum = torch.fft.rfftn(projections.double(), s=(2 * size, 2 * size), dim=(-2, -1))
+    spectrum = torch.fft.rfftn(projections.float(), s=(2 * size, 2 * size), dim=(-2, -1))
     power = spectrum.real.square() + spectrum.imag.square()
     return torch.fft.irfftn(power, s=(2 * size, 2 * size), dim=(-2, -1))
 
@@ -273,19 +325,19 @@ def projection_norms(
     Args:
         planes: from `prepare_planes`.
         projections: real (B, D, D).
-        transforms: their `projection_transforms`, if already computed.
+        transforms: their `conjugate_transforms`, if already computed.
 
     Returns:
         real (B, P) float32 (> 0 unless the filtered projection is blank).
     """
     if planes.norm_weights is not None:
         if transforms is None:
-            transforms = projection_transforms(projections, planes.image_shape)
+            transforms = conjugate_transforms(projections, planes.image_shape)
         power = (transforms.real.square() + transforms.imag.square()).flatten(-2)
         squared = power @ planes.norm_weights.T
     else:
         assert planes.norm_kernels is not None
-        lags = autocorrelations(projections).flatten(-2).float()
+        lags = autocorrelations(projections).flatten(-2)
         squared = lags @ planes.norm_kernels.flatten(-2).T
     return squared.clamp(min=0.0).sqrt()
 
@@ -305,18 +357,10 @@ def correlate_planes(
         c[b, y, x] the score of projection b centred on pixel (y, x)).
     """
     projections = projections.float()
-    # Resolved once here, the conjugate costs one pass instead of one per plane.
-    transforms = projection_transforms(projections, planes.image_shape)
-    conjugate = transforms.conj().resolve_conj()
-    norms = projection_norms(planes, projections, transforms)
-    tiny = torch.finfo(norms.dtype).tiny
-    inverse_norms = torch.where(norms > 0, 1.0 / norms.clamp(min=tiny), 0.0)
+    transforms = conjugate_transforms(projections, planes.image_shape)
+    scales = inverse_norms(projection_norms(planes, projections, transforms))
     for plane in range(planes.n_planes):
-        product = conjugate * planes.spectra[plane]
-        # Columns, then the half-length rows: irfftn's 2D c2r copies its input once
-        # more on a CPU; this runs the steady-state 1024² search at 100 instead of 80
-        # correlations per second on one core.
-        columns = torch.fft.ifft(product, dim=-2)
-        correlations = torch.fft.irfft(columns, n=planes.image_shape[-1], dim=-1)
-        correlations *= inverse_norms[:, plane, None, None]
+        product = transforms * planes.spectra[plane]
+        correlations = inverse_correlation(product, planes.image_shape[-1])
+        correlations *= scales[:, plane, None, None]
         yield plane, correlations

@@ -4,6 +4,13 @@
 `SearchStatistics`; `decode_maps` turns the best search index of each pixel back
 into angles and a relative defocus. Search index = plane · n_orientations +
 orientation, fixed for the whole search, so batches can have any size.
+
+Per projection and plane the search does one complex product and one inverse FFT
+into preallocated buffers (fresh 4 MiB tensors cost page faults on a CPU), keeps
+only the rows where the template lies inside the micrograph, and folds a few
+planes at a time into the statistics in one fused pass. The mean needs no pass
+per map: the sum of the correlations is the correlation with the sum of the
+weighted templates, added once at the end (one inverse FFT per plane).
 """
 
 from __future__ import annotations
@@ -18,9 +25,16 @@ from cryorefine.engine.projection import PreparedVolume, extract_slices
 from cryorefine.engine.search_statistics import SearchStatistics
 from cryorefine.engine.template_matching import (
     SearchPlanes,
-    correlate_planes,
+    conjugate_transforms,
+    inverse_correlation,
+    inverse_norms,
+    projection_norms,
     projections_from_slices,
 )
+
+#: Planes of one projection folded into the statistics together: more maps per pass
+#: over the running maps, more memory (one map each).
+FOLD_GROUP = 4
 
 
 def search(
@@ -40,27 +54,82 @@ def search(
         planes: the micrograph side (`prepare_planes`).
         rotations: (n, 3, 3) orientations searched.
         batch_size: orientations per batch; results do not depend on it beyond
-            float rounding of the mean and standard deviation.
+            float rounding of the mean and standard deviation. A tie between two
+            search positions keeps the lower orientation, then the lower plane.
         statistics, first_batch: continue a search stopped before batch first_batch.
         on_batch: called as on_batch(next_batch, statistics) after each batch
             (progress, checkpoints).
 
     Returns:
-        SearchStatistics; best_index = plane · n + orientation.
+        SearchStatistics; best_index = plane · n + orientation. Pixels outside the
+        valid region (`peaks.valid_region`) keep mip −inf and best_index −1.
     """
     n_orientations = rotations.shape[0]
+    device = planes.spectra.device
+    height, width = planes.image_shape
+    size = planes.template_size
     if statistics is None:
-        statistics = SearchStatistics.empty(planes.image_shape, device=planes.spectra.device)
+        statistics = SearchStatistics.empty(planes.image_shape, device=device)
+    if statistics.template_sums is None:
+        statistics.template_sums = torch.zeros(
+            planes.n_planes, size, size, dtype=torch.float64, device=device
+        )
+    rows = valid_region(planes.image_shape, size)[0]
+    group = min(FOLD_GROUP, planes.n_planes)
+    half = (height, width // 2 + 1)
+    # One projection at a time: batched full-size FFTs thrash the cache on a CPU.
+    padded = torch.zeros(1, height, width, device=device)
+    transform = torch.empty(1, *half, dtype=torch.complex64, device=device)
+    product = torch.empty(half, dtype=torch.complex64, device=device)
+    columns = torch.empty_like(product)
+    maps = torch.empty(group, rows.stop - rows.start, width, device=device)
+    plane_index = torch.arange(planes.n_planes, device=device) * n_orientations
+
     n_batches = -(-n_orientations // batch_size)
     for batch in range(first_batch, n_batches):
         start = batch * batch_size
         chunk = rotations[start : start + batch_size]
         projections = projections_from_slices(extract_slices(prepared, chunk))
-        for plane, correlations in correlate_planes(planes, projections):
-            statistics.update(correlations, plane * n_orientations + start)
+        batch_scales = inverse_norms(projection_norms(planes, projections))
+        statistics.template_sums += torch.einsum(
+            "bp,byx->pyx", batch_scales.double(), projections.double()
+        )
+        for offset, scales in enumerate(batch_scales):
+            conjugate_transforms(
+                projections[offset : offset + 1], planes.image_shape, out=transform, padded=padded
+            )
+            for first in range(0, planes.n_planes, group):
+                last = min(first + group, planes.n_planes)
+                for slot, plane in enumerate(range(first, last)):
+                    torch.mul(transform[0], planes.spectra[plane], out=product)
+                    inverse_correlation(product, width, rows, columns=columns, out=maps[slot])
+                statistics.fold(
+                    maps[: last - first],
+                    scales[first:last],
+                    plane_index[first:last] + start + offset,
+                    rows,
+                )
         if on_batch is not None:
             on_batch(batch + 1, statistics)
+    add_template_sums(statistics, planes)
     return statistics
+
+
+def add_template_sums(statistics: SearchStatistics, planes: SearchPlanes) -> None:
+    """Add the correlations of the weighted template sums to the statistics' total.
+
+    Σ_b c_{b,d} / ‖f_{b,d}‖ = correlation with Σ_b p_b / ‖f_{b,d}‖: one inverse FFT
+    per plane (in float64) instead of a pass per map.
+    """
+    sums = statistics.template_sums
+    if sums is None:
+        return
+    width = planes.image_shape[-1]
+    for plane in range(planes.n_planes):
+        transform = conjugate_transforms(sums[plane : plane + 1], planes.image_shape)
+        product = transform[0] * planes.spectra[plane].to(transform.dtype)
+        statistics.add_to_total(inverse_correlation(product, width))
+    statistics.template_sums = None
 
 
 @dataclass(frozen=True)

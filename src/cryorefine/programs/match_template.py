@@ -42,7 +42,7 @@ from cryorefine.engine.projection import PreparedVolume, prepare_for_projection
 from cryorefine.engine.search_statistics import SearchStatistics
 from cryorefine.engine.so3 import euler_to_matrix
 from cryorefine.engine.template_matching import prepare_planes
-from cryorefine.engine.template_search import SearchMaps, decode_maps, search
+from cryorefine.engine.template_search import FOLD_GROUP, SearchMaps, decode_maps, search
 from cryorefine.errors import CryorefineError
 from cryorefine.io import particles as p
 from cryorefine.io.atomic import atomic_write, refuse_overwrite
@@ -296,27 +296,26 @@ def plane_filters(
     return image_filter, sign * image_filter * ctfs
 
 
-def _bytes_per_orientation(image_shape: tuple[int, int], template_size: int) -> int:
-    height, width = image_shape
-    half = height * (width // 2 + 1)
-    # Transform (complex64) + product (complex64) + real maps (float32) + the max pass.
-    return 8 * half * 2 + 4 * height * width * 2 + 16 * template_size**2 * 8
+def _bytes_per_orientation(template_size: int) -> int:
+    # A projection, its slice and the sampling points, and its autocorrelation (2D)².
+    return 4 * template_size**2 * 16
 
 
 def memory_estimate_bytes(
     image_shape: tuple[int, int], template_size: int, n_planes: int, batch_size: int
 ) -> int:
-    """Working memory of one micrograph's search."""
+    """Working memory of one micrograph's search (`template_search.search`)."""
     height, width = image_shape
     half = height * (width // 2 + 1)
     planes = 8 * half * n_planes
-    statistics = (4 + 8 + 8 + 8) * height * width
+    # mip, best index, float32 partial squares; float64 sum and sum of squares.
+    statistics = (4 + 4 + 4 + 8 + 8) * height * width
+    # The padded projection, its transform, the product, the column pass, the maps
+    # of one fold group.
+    buffers = 4 * height * width + 3 * 8 * half + FOLD_GROUP * 4 * height * width
     volume = 8 * (2 * template_size) ** 2 * (template_size + 1)
     return (
-        planes
-        + statistics
-        + volume
-        + batch_size * _bytes_per_orientation(image_shape, template_size)
+        planes + statistics + buffers + volume + batch_size * _bytes_per_orientation(template_size)
     )
 
 
@@ -577,7 +576,7 @@ def _search_one(
     n_orientations = int(rotations.shape[0])
     fixed = memory_estimate_bytes(shape, template_size, planes.n_planes, 0)
     batch_size = config.orientation_batch_size or batch_size_for(
-        _bytes_per_orientation(shape, template_size), fixed, device, n_orientations
+        _bytes_per_orientation(template_size), fixed, device, n_orientations
     )
     estimate = memory_estimate_bytes(shape, template_size, planes.n_planes, batch_size)
     console.print(
