@@ -32,8 +32,8 @@ from cryorefine.engine.template_matching import (
     projections_from_slices,
 )
 
-#: Planes of one projection folded into the statistics together: more maps per pass
-#: over the running maps, more memory (one map each).
+#: Maps folded into the statistics together: more maps per pass over the running
+#: maps, more memory (one map each).
 FOLD_GROUP = 4
 
 
@@ -75,15 +75,15 @@ def search(
             planes.n_planes, size, size, dtype=torch.float64, device=device
         )
     rows = valid_region(planes.image_shape, size)[0]
-    group = min(FOLD_GROUP, planes.n_planes)
     half = (height, width // 2 + 1)
     # One projection at a time: batched full-size FFTs thrash the cache on a CPU.
     padded = torch.zeros(1, height, width, device=device)
     transform = torch.empty(1, *half, dtype=torch.complex64, device=device)
     product = torch.empty(half, dtype=torch.complex64, device=device)
     columns = torch.empty_like(product)
-    maps = torch.empty(group, rows.stop - rows.start, width, device=device)
-    plane_index = torch.arange(planes.n_planes, device=device) * n_orientations
+    maps = torch.empty(FOLD_GROUP, rows.stop - rows.start, width, device=device)
+    map_scales = torch.empty(FOLD_GROUP, device=device)
+    map_indices = torch.empty(FOLD_GROUP, dtype=torch.int32, device=device)
 
     n_batches = -(-n_orientations // batch_size)
     for batch in range(first_batch, n_batches):
@@ -94,21 +94,22 @@ def search(
         statistics.template_sums += torch.einsum(
             "bp,byx->pyx", batch_scales.double(), projections.double()
         )
+        filled = 0
         for offset, scales in enumerate(batch_scales):
             conjugate_transforms(
                 projections[offset : offset + 1], planes.image_shape, out=transform, padded=padded
             )
-            for first in range(0, planes.n_planes, group):
-                last = min(first + group, planes.n_planes)
-                for slot, plane in enumerate(range(first, last)):
-                    torch.mul(transform[0], planes.spectra[plane], out=product)
-                    inverse_correlation(product, width, rows, columns=columns, out=maps[slot])
-                statistics.fold(
-                    maps[: last - first],
-                    scales[first:last],
-                    plane_index[first:last] + start + offset,
-                    rows,
-                )
+            for plane in range(planes.n_planes):
+                torch.mul(transform[0], planes.spectra[plane], out=product)
+                inverse_correlation(product, width, rows, columns=columns, out=maps[filled])
+                map_scales[filled] = scales[plane]
+                map_indices[filled] = plane * n_orientations + start + offset
+                filled += 1
+                if filled == FOLD_GROUP:
+                    statistics.fold(maps, map_scales, map_indices, rows)
+                    filled = 0
+        if filled:
+            statistics.fold(maps[:filled], map_scales[:filled], map_indices[:filled], rows)
         if on_batch is not None:
             on_batch(batch + 1, statistics)
     add_template_sums(statistics, planes)
