@@ -12,7 +12,7 @@ from cryorefine.engine.ctf import ctf_2d
 from cryorefine.engine.filters import whitening_filter
 from cryorefine.engine.peaks import valid_region
 from cryorefine.engine.projection import extract_slices, prepare_for_projection
-from cryorefine.engine.search_statistics import SearchStatistics
+from cryorefine.engine.search_statistics import FOLD_GROUP, SearchStatistics, _fold_chain
 from cryorefine.engine.so3 import euler_to_matrix
 from cryorefine.engine.template_matching import (
     correlate_planes,
@@ -128,24 +128,45 @@ def test_statistics_survive_a_state_dict_round_trip() -> None:
     assert math.isfinite(float(restored.z_score().sum()))
 
 
-def test_compiled_and_eager_statistics_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fused (inductor) fold gives the eager fold's maximum, index and squares."""
+def test_compiled_eager_and_chained_folds_agree() -> None:
+    """The fold compiled by inductor, its uncompiled chain and the eager steps agree."""
     generator = torch.Generator().manual_seed(5)
     maps = torch.randn(11, 40, 48, generator=generator)
-    scales = torch.rand(11, generator=generator) + 0.5
-    results = []
-    for compiled in ("1", "0"):
-        monkeypatch.setenv("CRYOREFINE_COMPILE", compiled)
-        statistics = SearchStatistics.empty((40, 48))
-        for first in range(0, 11, 4):
-            group = slice(first, min(first + 4, 11))
-            statistics.fold(maps[group], scales[group], torch.arange(11)[group])
-        statistics.flush()
-        results.append(statistics)
+    maps[7] = maps[2]  # a tie: the earlier map keeps the pixel
+    scales = torch.ones(11)
+    scales[:7] = torch.rand(7, generator=generator) + 0.5
+    scales[7] = scales[2]
     scaled = maps * scales[:, None, None]
-    for statistics in results:
-        torch.testing.assert_close(statistics.mip, scaled.max(0).values)
-        torch.testing.assert_close(statistics.best_index.long(), scaled.argmax(0))
+    expected_index = scaled.argmax(0)  # the first of ties
+
+    def fold(kernel: str) -> SearchStatistics:
+        statistics = SearchStatistics.empty((40, 48))
+        for first in range(0, 11, FOLD_GROUP):
+            group = slice(first, min(first + FOLD_GROUP, 11))
+            if kernel == "chain":
+                state = (statistics.mip, statistics.best_index, statistics.total_squares)
+                _fold_chain(
+                    maps[group],
+                    scales[group],
+                    torch.arange(11)[group].int(),
+                    *state,
+                )
+                statistics.count += group.stop - group.start
+            else:
+                group_maps = maps[group].clone()
+                statistics.fold(
+                    group_maps,
+                    scales[group],
+                    torch.arange(11)[group],
+                    compiled=kernel == "compiled",
+                )
+        statistics.flush()
+        return statistics
+
+    for kernel in ("compiled", "eager", "chain"):
+        statistics = fold(kernel)
+        torch.testing.assert_close(statistics.mip, scaled.max(0).values, msg=kernel)
+        assert torch.equal(statistics.best_index.long(), expected_index), kernel
         torch.testing.assert_close(
             statistics.total_squares, scaled.double().square().sum(0), rtol=1e-6, atol=0
         )

@@ -22,7 +22,11 @@ import torch
 
 from cryorefine.engine.peaks import valid_region
 from cryorefine.engine.projection import PreparedVolume, extract_slices
-from cryorefine.engine.search_statistics import SearchStatistics
+from cryorefine.engine.search_statistics import (
+    FOLD_GROUP,
+    SearchStatistics,
+    compile_pays_off,
+)
 from cryorefine.engine.template_matching import (
     SearchPlanes,
     conjugate_transforms,
@@ -31,10 +35,6 @@ from cryorefine.engine.template_matching import (
     projection_norms,
     projections_from_slices,
 )
-
-#: Maps folded into the statistics together: more maps per pass over the running
-#: maps, more memory (one map each).
-FOLD_GROUP = 4
 
 
 def search(
@@ -84,6 +84,8 @@ def search(
     maps = torch.empty(FOLD_GROUP, rows.stop - rows.start, width, device=device)
     map_scales = torch.empty(FOLD_GROUP, device=device)
     map_indices = torch.empty(FOLD_GROUP, dtype=torch.int32, device=device)
+    n_maps = (n_orientations - first_batch * batch_size) * planes.n_planes
+    compiled = compile_pays_off(n_maps, maps[0].numel())
 
     n_batches = -(-n_orientations // batch_size)
     for batch in range(first_batch, n_batches):
@@ -106,10 +108,12 @@ def search(
                 map_indices[filled] = plane * n_orientations + start + offset
                 filled += 1
                 if filled == FOLD_GROUP:
-                    statistics.fold(maps, map_scales, map_indices, rows)
+                    statistics.fold(maps, map_scales, map_indices, rows, compiled)
                     filled = 0
         if filled:
-            statistics.fold(maps[:filled], map_scales[:filled], map_indices[:filled], rows)
+            statistics.fold(
+                maps[:filled], map_scales[:filled], map_indices[:filled], rows, compiled
+            )
         if on_batch is not None:
             on_batch(batch + 1, statistics)
     add_template_sums(statistics, planes)

@@ -39,10 +39,10 @@ from cryorefine.config import save_resolved_config
 from cryorefine.engine.ctf import CtfParameters
 from cryorefine.engine.peaks import false_alarm_threshold, find_peaks, valid_region
 from cryorefine.engine.projection import PreparedVolume, prepare_for_projection
-from cryorefine.engine.search_statistics import SearchStatistics
+from cryorefine.engine.search_statistics import FOLD_GROUP, SearchStatistics
 from cryorefine.engine.so3 import euler_to_matrix
 from cryorefine.engine.template_matching import prepare_planes
-from cryorefine.engine.template_search import FOLD_GROUP, SearchMaps, decode_maps, search
+from cryorefine.engine.template_search import SearchMaps, decode_maps, search
 from cryorefine.errors import CryorefineError
 from cryorefine.io import particles as p
 from cryorefine.io.atomic import atomic_write, refuse_overwrite
