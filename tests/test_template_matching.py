@@ -16,6 +16,7 @@ from cryorefine.engine.search_statistics import FOLD_GROUP, SearchStatistics, _f
 from cryorefine.engine.so3 import euler_to_matrix
 from cryorefine.engine.template_matching import (
     correlate_planes,
+    correlate_positions,
     hermitian_consistent,
     normalised_filtered_image,
     prepare_planes,
@@ -64,6 +65,21 @@ def test_scores_equal_the_direct_filtered_correlation(
         for b in range(3):
             direct = _direct_scores(image, image_filter, plane_filters[plane], projections[b])
             torch.testing.assert_close(scores[b].double(), direct, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("image_shape", [(40, 40), (36, 42)])
+def test_scores_at_a_block_of_positions_equal_the_whole_map(
+    device: torch.device, image_shape: tuple[int, int]
+) -> None:
+    generator = torch.Generator().manual_seed(7)
+    image = torch.randn(*image_shape, generator=generator).cumsum(-1).to(device)
+    projections = torch.randn(5, 16, 16, generator=generator).to(device)
+    image_filter, plane_filters = _filters(image, 2)
+    planes = prepare_planes(image, image_filter, plane_filters, 16)
+    rows, columns = valid_region(image_shape, 16)
+    whole = dict(correlate_planes(planes, projections))
+    for plane, scores in correlate_positions(planes, projections, rows, columns):
+        torch.testing.assert_close(scores, whole[plane][:, rows, columns], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("size", [64, 36])  # autocorrelation lags / the image's own grid

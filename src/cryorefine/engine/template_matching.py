@@ -364,3 +364,60 @@ def correlate_planes(
         correlations = inverse_correlation(product, planes.image_shape[-1])
         correlations *= scales[:, plane, None, None]
         yield plane, correlations
+
+
+def position_kernels(
+    image_shape: tuple[int, int],
+    rows: slice,
+    columns: slice,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse real DFT restricted to a block of output pixels, as two matrices.
+
+    irfft2(Z)[y, x] = Re Σ_kx (Σ_ky e^(2πi ky y / H) Z[ky, kx]) · w_kx e^(2πi kx x / W) / (H W),
+    w_kx = 1 at kx = 0 and W/2, else 2 (Z Hermitian where the half grid meets itself).
+
+    Returns:
+        row_kernel: complex64 (R, H) e^(2πi ky y / H) for the R rows.
+        column_kernel: complex64 (W // 2 + 1, C) w_kx e^(2πi kx x / W) / (H W) for the
+            C columns.
+    """
+    height, width = image_shape
+    half = width // 2 + 1
+    ys = torch.arange(height, device=device, dtype=torch.float64)[rows]
+    xs = torch.arange(width, device=device, dtype=torch.float64)[columns]
+    ky = torch.arange(height, device=device, dtype=torch.float64)
+    kx = torch.arange(half, device=device, dtype=torch.float64)
+    row_phase = 2.0 * torch.pi * ys[:, None] * ky[None, :] / height
+    column_phase = 2.0 * torch.pi * kx[:, None] * xs[None, :] / width
+    weight = torch.full((half,), 2.0 / (height * width), device=device, dtype=torch.float64)
+    weight[0] /= 2.0
+    if width % 2 == 0:
+        weight[-1] /= 2.0
+    row_kernel = torch.polar(torch.ones_like(row_phase), row_phase)
+    column_kernel = torch.polar(weight[:, None].expand_as(column_phase), column_phase)
+    return row_kernel.to(torch.complex64), column_kernel.to(torch.complex64)
+
+
+def correlate_positions(
+    planes: SearchPlanes, projections: torch.Tensor, rows: slice, columns: slice
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """`correlate_planes` at a block of pixels only, by two small matrix products.
+
+    For the few hundred positions of a refinement box this is ~10× cheaper than the
+    inverse FFT of the whole box (144² box, 17² positions: 15 against 150 µs per map).
+
+    Yields:
+        (plane index d, real (B, R, C) float32 scores at pixels (rows, columns)).
+    """
+    projections = projections.float()
+    transforms = conjugate_transforms(projections, planes.image_shape)
+    scales = inverse_norms(projection_norms(planes, projections, transforms))
+    row_kernel, column_kernel = position_kernels(
+        planes.image_shape, rows, columns, device=projections.device
+    )
+    for plane in range(planes.n_planes):
+        partial = torch.matmul(row_kernel, transforms * planes.spectra[plane])
+        scores = torch.matmul(partial, column_kernel).real
+        scores *= scales[:, plane, None, None]
+        yield plane, scores

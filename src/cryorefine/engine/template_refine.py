@@ -17,7 +17,7 @@ import torch
 from cryorefine.engine.peaks import valid_region
 from cryorefine.engine.projection import PreparedVolume, extract_slices
 from cryorefine.engine.template_matching import (
-    correlate_planes,
+    correlate_positions,
     prepare_planes,
     projections_from_slices,
 )
@@ -77,8 +77,7 @@ def refine_in_box(
         for start in range(0, n_rotations, batch_size):
             chunk = rotations[start : start + batch_size]
             projections = projections_from_slices(extract_slices(prepared, chunk, scale=scale))
-            for plane, correlations in correlate_planes(planes, projections):
-                inside = correlations[:, rows, columns]
+            for plane, inside in correlate_positions(planes, projections, rows, columns):
                 flat = int(inside.flatten().argmax())
                 value = float(inside.flatten()[flat])
                 if best is None or value > best[0]:

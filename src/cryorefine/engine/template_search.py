@@ -7,8 +7,9 @@ orientation, fixed for the whole search, so batches can have any size.
 
 Per projection and plane the search does one complex product and one inverse FFT
 into preallocated buffers (fresh 4 MiB tensors cost page faults on a CPU), keeps
-only the rows where the template lies inside the micrograph, and folds a few
-planes at a time into the statistics in one fused pass. The mean needs no pass
+only the rows where the template lies inside the micrograph, and folds the maps
+into the statistics in groups of FOLD_GROUP (one fused pass per group where the
+search is large enough to compile it, `search_statistics.compile_pays_off`). The mean needs no pass
 per map: the sum of the correlations is the correlation with the sum of the
 weighted templates, added once at the end (one inverse FFT per plane).
 """
