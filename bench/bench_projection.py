@@ -132,7 +132,7 @@ def main() -> None:
     rows: list[tuple[str, str, str, str, str]] = []
 
     prepared = prepare_for_projection(volume, args.pad)
-    prep_s = timed(lambda: prepare_for_projection(volume, args.pad).spectrum, device, args.repeats)
+    prep_s = timed(lambda: prepare_for_projection(volume, args.pad).channels, device, args.repeats)
     extract_s = timed(lambda: extract_slices(prepared, rotations), device, args.repeats)
     project_s = timed(lambda: project(volume, rotations, args.pad), device, args.repeats)
 

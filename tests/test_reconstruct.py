@@ -64,14 +64,15 @@ def test_insert_is_the_transpose_of_extract(device: torch.device) -> None:
     weights = torch.rand((7, BOX, BOX // 2 + 1), generator=generator, dtype=torch.float64)
     slices, weights = slices.to(device), weights.to(device)
 
-    prepared = PreparedVolume(to_interpolation_layout(grid), BOX, padded)
+    prepared = PreparedVolume.from_spectrum(to_interpolation_layout(grid), BOX, padded)
     data, weight = empty_accumulators(BOX, device=device, dtype=torch.float64)
     insert_slices(data, weight, slices, rotations, weights)
     forward = (extract_slices(prepared, rotations).conj() * slices).real.sum()
     backward = (grid.conj() * fold_interpolation_layout(data)).real.sum()
     torch.testing.assert_close(forward, backward, rtol=1e-10, atol=0.0)
 
-    real_grid = PreparedVolume(to_interpolation_layout(grid.real.to(grid.dtype)), BOX, padded)
+    real_layout = to_interpolation_layout(grid.real.to(grid.dtype))
+    real_grid = PreparedVolume.from_spectrum(real_layout, BOX, padded)
     forward = (extract_slices(real_grid, rotations).real * weights).sum()
     backward = (grid.real * fold_interpolation_layout(weight)).sum()
     torch.testing.assert_close(forward, backward, rtol=1e-10, atol=0.0)

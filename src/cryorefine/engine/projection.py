@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch.nn.functional import grid_sample
@@ -55,22 +54,29 @@ class PreparedVolume:
     """A volume's padded, gridding-corrected transform in the interpolation layout.
 
     Attributes:
-        spectrum: complex (Np + 2, Np + 2, Np//2 + 2); see the module docstring.
+        channels: real (1, 2, Np + 2, Np + 2, Np//2 + 2), the real and imaginary parts
+            of the transform (see the module docstring) as the two channels that
+            grid_sample reads; only this copy is kept (a 256³ template's is 1 GiB).
         box_size: D, the edge of the original volume and of its projections (pixels).
         padded_size: Np, the even edge of the padded box (pixels).
     """
 
-    spectrum: torch.Tensor
+    channels: torch.Tensor
     box_size: int
     padded_size: int
 
-    @cached_property
-    def channels(self) -> torch.Tensor:
-        """(1, 2, Np + 2, Np + 2, Np//2 + 2): real and imaginary parts of `spectrum`.
+    @classmethod
+    def from_spectrum(
+        cls, spectrum: torch.Tensor, box_size: int, padded_size: int
+    ) -> PreparedVolume:
+        """From a complex (Np + 2, Np + 2, Np//2 + 2) transform in the interpolation layout."""
+        channels = torch.view_as_real(spectrum).permute(3, 0, 1, 2)[None].contiguous()
+        return cls(channels=channels, box_size=box_size, padded_size=padded_size)
 
-        The layout grid_sample reads, made once per volume rather than per batch.
-        """
-        return torch.view_as_real(self.spectrum).permute(3, 0, 1, 2)[None].contiguous()
+    @property
+    def spectrum(self) -> torch.Tensor:
+        """The complex transform (a new tensor), for inspection."""
+        return torch.complex(self.channels[0, 0], self.channels[0, 1])
 
 
 def padded_box_size(box_size: int, pad_factor: float) -> int:
@@ -142,7 +148,7 @@ def prepare_for_projection(
     padded = volume.new_zeros((padded_size,) * 3)
     padded[start:end, start:end, start:end] = volume
     spectrum = to_interpolation_layout(centred_rfftn(padded, ndim=3))
-    return PreparedVolume(spectrum=spectrum, box_size=box_size, padded_size=padded_size)
+    return PreparedVolume.from_spectrum(spectrum, box_size, padded_size)
 
 
 def central_slice_points(
@@ -248,7 +254,7 @@ def extract_slices(
         complex (..., D, D//2 + 1): engine.fourier.centred_rfftn of the projections.
     """
     box_size = prepared.box_size
-    k = frequency_grid((box_size, box_size), rfft=True, device=prepared.spectrum.device)
+    k = frequency_grid((box_size, box_size), rfft=True, device=prepared.channels.device)
     frequencies = scale * k.reshape(-1, 2)
     samples = extract_samples(prepared, rotations, frequencies, points_per_chunk)
     return samples.reshape(*rotations.shape[:-2], box_size, box_size // 2 + 1)
@@ -275,18 +281,20 @@ def extract_samples(
     Returns:
         complex (..., S).
     """
-    spectrum = prepared.spectrum
-    real_dtype = spectrum.real.dtype
+    channels = prepared.channels
+    real_dtype = channels.dtype
     batch_shape = rotations.shape[:-2]
-    flat_rotations = rotations.reshape(-1, 3, 3).to(device=spectrum.device, dtype=real_dtype)
-    frequencies = frequencies.to(device=spectrum.device, dtype=real_dtype)
+    flat_rotations = rotations.reshape(-1, 3, 3).to(device=channels.device, dtype=real_dtype)
+    frequencies = frequencies.to(device=channels.device, dtype=real_dtype)
     samples = frequencies.shape[0]
     # grid_sample's trilinear kernel (align_corners: node i at 2i/(n-1) - 1) reads the
     # real and imaginary parts as two channels, several times faster than eight gathers.
-    channels = prepared.channels
-    nz, ny, nx = spectrum.shape
+    nz, ny, nx = channels.shape[-3:]
     to_unit = frequencies.new_tensor([2 / (nx - 1), 2 / (ny - 1), 2 / (nz - 1)])
-    out = spectrum.new_zeros((flat_rotations.shape[0], samples))
+    complex_dtype = torch.complex128 if real_dtype == torch.float64 else torch.complex64
+    out = torch.zeros(
+        (flat_rotations.shape[0], samples), dtype=complex_dtype, device=channels.device
+    )
     step = rotations_per_chunk(samples, points_per_chunk)
     for start in range(0, flat_rotations.shape[0], step):
         chunk = flat_rotations[start : start + step]
