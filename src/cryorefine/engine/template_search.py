@@ -99,9 +99,8 @@ def search(
         )
         filled = 0
         for offset, scales in enumerate(batch_scales):
-            conjugate_transforms(
-                projections[offset : offset + 1], planes.image_shape, out=transform, padded=padded
-            )
+            projection = projections[offset : offset + 1]
+            conjugate_transforms(projection, planes.image_shape, out=transform, padded=padded)
             for plane in range(planes.n_planes):
                 torch.mul(transform[0], planes.spectra[plane], out=product)
                 inverse_correlation(product, width, rows, columns=columns, out=maps[filled])
@@ -125,16 +124,17 @@ def add_template_sums(statistics: SearchStatistics, planes: SearchPlanes) -> Non
     """Add the correlations of the weighted template sums to the statistics' total.
 
     Σ_b c_{b,d} / ‖f_{b,d}‖ = correlation with Σ_b p_b / ‖f_{b,d}‖: one inverse FFT
-    per plane (in float64) instead of a pass per map.
+    per plane instead of a pass per map. The sums are kept in float64; the FFT's
+    float32 error is relative to the total itself and does not grow with the
+    number of maps.
     """
     sums = statistics.template_sums
     if sums is None:
         return
     width = planes.image_shape[-1]
     for plane in range(planes.n_planes):
-        transform = conjugate_transforms(sums[plane : plane + 1], planes.image_shape)
-        product = transform[0] * planes.spectra[plane].to(transform.dtype)
-        statistics.add_to_total(inverse_correlation(product, width))
+        transform = conjugate_transforms(sums[plane : plane + 1].float(), planes.image_shape)
+        statistics.add_to_total(inverse_correlation(transform[0] * planes.spectra[plane], width))
     statistics.template_sums = None
 
 
