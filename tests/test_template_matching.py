@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from cryorefine.engine import template_matching
 from cryorefine.engine.correlate import cross_correlate, pad_template
 from cryorefine.engine.ctf import ctf_2d
 from cryorefine.engine.filters import whitening_filter
@@ -80,6 +81,17 @@ def test_scores_at_a_block_of_positions_equal_the_whole_map(
     whole = dict(correlate_planes(planes, projections))
     for plane, scores in correlate_positions(planes, projections, rows, columns):
         torch.testing.assert_close(scores, whole[plane][:, rows, columns], atol=2e-5, rtol=0)
+
+
+def test_blocked_inverse_ffts_equal_whole_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inverse FFTs cut into blocks (large micrographs) give irfftn's rows."""
+    generator = torch.Generator().manual_seed(8)
+    product = torch.randn(2, 40, 25, generator=generator, dtype=torch.complex64)
+    rows = slice(5, 33)
+    expected = torch.fft.irfftn(product, s=(40, 48))[:, rows]
+    monkeypatch.setattr(template_matching, "FFT_BLOCK_BYTES", 2 * 40 * 8 * 3)  # 3 columns
+    blocked = template_matching.inverse_correlation(product, 48, rows)
+    torch.testing.assert_close(blocked, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("size", [64, 36])  # autocorrelation lags / the image's own grid

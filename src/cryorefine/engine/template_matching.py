@@ -251,8 +251,13 @@ def projections_from_slices(slices: torch.Tensor) -> torch.Tensor:
 FFT_BLOCK_BYTES = 8 * 2**20
 
 
-def _block(count: int, bytes_per_item: int) -> int:
-    """Items per FFT call so that one call's temporary stays within FFT_BLOCK_BYTES."""
+def _block(count: int, bytes_per_item: int, device: torch.device) -> int:
+    """Items per FFT call so that one call's temporary stays within FFT_BLOCK_BYTES.
+
+    CPU only: on a GPU fresh memory costs nothing and every call is a launch.
+    """
+    if device.type != "cpu":
+        return max(count, 1)
     return max(1, min(count, FFT_BLOCK_BYTES // max(bytes_per_item, 1)))
 
 
@@ -316,7 +321,7 @@ def inverse_correlation(
     maps = product[..., 0, 0].numel()
     if columns is None:
         columns = torch.empty_like(product)
-    step = _block(half, maps * height * 8)
+    step = _block(half, maps * height * 8, product.device)
     for start in range(0, half, step):
         block = slice(start, start + step)
         torch.fft.ifft(product[..., block], dim=-2, out=columns[..., block])
@@ -324,7 +329,7 @@ def inverse_correlation(
     n_rows = selected.shape[-2]
     if out is None:
         out = product.real.new_empty((*product.shape[:-2], n_rows, width))
-    step = _block(n_rows, maps * half * 8)
+    step = _block(n_rows, maps * half * 8, product.device)
     for start in range(0, n_rows, step):
         block = slice(start, start + step)
         torch.fft.irfft(selected[..., block, :], n=width, dim=-1, out=out[..., block, :])
