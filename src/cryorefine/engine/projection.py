@@ -295,14 +295,18 @@ def extract_samples(
     out = torch.zeros(
         (flat_rotations.shape[0], samples), dtype=complex_dtype, device=channels.device
     )
-    step = rotations_per_chunk(samples, points_per_chunk)
+    # Samples beyond Nyquist are 0 whatever the view: interpolate only the others
+    # (π/4 of a square slice's half plane).
+    kept = torch.linalg.vector_norm(frequencies, dim=-1) <= 0.5
+    kept_frequencies = frequencies[kept]
+    step = rotations_per_chunk(kept_frequencies.shape[0], points_per_chunk)
     for start in range(0, flat_rotations.shape[0], step):
         chunk = flat_rotations[start : start + step]
-        points, conjugate, inside = frequency_points(chunk, frequencies, prepared.padded_size)
+        points, conjugate, _ = frequency_points(chunk, kept_frequencies, prepared.padded_size)
         grid = (points * to_unit - 1)[None, :, :, None, :]
         parts = grid_sample(channels, grid, mode="bilinear", align_corners=True)[0, ..., 0]
         imaginary = torch.where(conjugate, -parts[1], parts[1])
-        out[start : start + step] = torch.complex(parts[0] * inside, imaginary * inside)
+        out[start : start + step, kept] = torch.complex(parts[0], imaginary)
     return out.reshape(*batch_shape, samples)
 
 
