@@ -12,6 +12,7 @@ from cryorefine.engine.fourier import (
     frequency_grid,
     phase_shift,
     radial_frequency,
+    rfft_column_weights,
 )
 
 
@@ -51,3 +52,13 @@ def test_phase_shift_moves_content_by_sub_pixel_amounts(device: torch.device) ->
     shift = torch.tensor([2.5, -1.25], device=device, dtype=torch.float64)
     moved = centred_irfftn(phase_shift(centred_rfftn(gaussian([0, 0]), 2), shift, shape), shape)
     torch.testing.assert_close(moved, gaussian([2.5, -1.25]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("width", [12, 13])
+def test_weighted_half_grid_sums_equal_full_grid_sums(width: int) -> None:
+    """Σ over the rfft half grid with column weights = Σ |F|² over the full transform."""
+    image = torch.randn(10, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    half = torch.fft.rfft2(image).abs().square()
+    full = torch.fft.fft2(image).abs().square()
+    weighted = (half * rfft_column_weights(width)).sum()
+    assert weighted.item() == pytest.approx(full.sum().item(), rel=1e-12)

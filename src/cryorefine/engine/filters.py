@@ -19,7 +19,12 @@ import math
 
 import torch
 
-from cryorefine.engine.fourier import centred_irfftn, centred_rfftn, radial_frequency
+from cryorefine.engine.fourier import (
+    centred_irfftn,
+    centred_rfftn,
+    radial_frequency,
+    rfft_column_weights,
+)
 
 
 def radial_shell_frequencies(
@@ -235,10 +240,7 @@ def radial_shell_mean(
     lower = position.floor().long().clamp(max=max(n_shells - 2, 0))
     upper = (lower + 1).clamp(max=n_shells - 1)
     fraction = (position - lower).to(values.dtype)
-    mirror = torch.full((shape[1] // 2 + 1,), 2.0, device=values.device, dtype=values.dtype)
-    mirror[0] = 1.0
-    if shape[1] % 2 == 0:
-        mirror[-1] = 1.0
+    mirror = rfft_column_weights(shape[1], device=values.device, dtype=values.dtype)
     weight_lower = (mirror * (1.0 - fraction)).reshape(-1)
     weight_upper = (mirror * fraction).reshape(-1)
     lower, upper = lower.reshape(-1), upper.reshape(-1)

@@ -74,6 +74,26 @@ def radial_frequency(
     return torch.linalg.vector_norm(frequency_grid(shape, rfft, device, dtype), dim=-1)
 
 
+def rfft_column_weights(
+    width: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """How many samples of the full transform each rfft column stands for.
+
+    Columns 1 … (W − 1) // 2 also hold their hidden mirrors (weight 2); column 0 and,
+    for an even W, the Nyquist column W / 2 stand for themselves only (weight 1).
+
+    Returns:
+        (W // 2 + 1,) weights, for sums over a half grid that equal full-grid sums.
+    """
+    weights = torch.full((width // 2 + 1,), 2.0, device=device, dtype=dtype)
+    weights[0] = 1.0
+    if width % 2 == 0:
+        weights[-1] = 1.0
+    return weights
+
+
 def coordinate_grid(
     shape: tuple[int, ...],
     device: torch.device | str | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from cryorefine.engine.fourier import radial_frequency
+from cryorefine.engine.fourier import radial_frequency, rfft_column_weights
 
 
 def shell_frequencies(
@@ -50,10 +50,7 @@ def fourier_shell_correlation(
     shells = shells.reshape(-1)[inside]
     # rfft columns 1 .. (w − 1) // 2 stand for their mirrors too; Re(A B*) and |A|²
     # are the same at a sample and its mirror, so a weight of 2 is exact.
-    weight = torch.full((shape[-1] // 2 + 1,), 2.0, device=a.device, dtype=a.real.dtype)
-    weight[0] = 1.0
-    if shape[-1] % 2 == 0:
-        weight[-1] = 1.0
+    weight = rfft_column_weights(shape[-1], device=a.device, dtype=a.real.dtype)
     weight = weight.expand(radius.shape).reshape(-1)[inside]
 
     def shell_sum(values: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cryorefine.engine.fourier import centred_irfftn, centred_rfftn, radial_frequency
+from cryorefine.engine.fourier import (
+    centred_irfftn,
+    centred_rfftn,
+    radial_frequency,
+    rfft_column_weights,
+)
 
 
 def shell_indices(
@@ -41,15 +46,6 @@ def shell_indices(
     """
     radius = radial_frequency(shape, rfft=True, device=device, dtype=torch.float64)
     return torch.floor(radius * max(shape) + 0.5).long()
-
-
-def _mirror_weights(shape: tuple[int, int, int], device: torch.device | str | None) -> torch.Tensor:
-    """Weight of each rfft column: 2 where it also stands for its hidden mirror sample."""
-    weight = torch.full((shape[-1] // 2 + 1,), 2.0, device=device, dtype=torch.float64)
-    weight[0] = 1.0
-    if shape[-1] % 2 == 0:
-        weight[-1] = 1.0
-    return weight
 
 
 def shell_mean_amplitude(volume: torch.Tensor) -> torch.Tensor:
@@ -65,7 +61,7 @@ def shell_mean_amplitude(volume: torch.Tensor) -> torch.Tensor:
     shape = (volume.shape[-3], volume.shape[-2], volume.shape[-1])
     amplitude = torch.fft.rfftn(volume.double(), dim=(-3, -2, -1)).abs()
     shells = shell_indices(shape, volume.device)
-    weight = _mirror_weights(shape, volume.device).expand(shells.shape)
+    weight = rfft_column_weights(shape[-1], device=volume.device).expand(shells.shape)
     n_shells = max(shape) // 2 + 1
     inside = shells < n_shells
     sums = torch.zeros(n_shells, dtype=torch.float64, device=volume.device)

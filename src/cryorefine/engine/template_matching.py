@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cryorefine.engine.fourier import centred_irfftn
+from cryorefine.engine.fourier import centred_irfftn, rfft_column_weights
 
 
 @dataclass(frozen=True)
@@ -160,9 +160,7 @@ def parseval_weights(template_filters: torch.Tensor) -> torch.Tensor:
     """
     height, half = template_filters.shape[-2:]
     width = 2 * (half - 1)
-    multiplicity = torch.full((half,), 2.0, device=template_filters.device)
-    multiplicity[0] = 1.0
-    multiplicity[-1] = 1.0  # the Nyquist column of an even W
+    multiplicity = rfft_column_weights(width, device=template_filters.device)
     weights = multiplicity * template_filters.double().square() / (height * width)
     return weights.flatten(-2).float()
 
@@ -427,10 +425,7 @@ def position_kernels(
     kx = torch.arange(half, device=device, dtype=torch.float64)
     row_phase = 2.0 * torch.pi * ys[:, None] * ky[None, :] / height
     column_phase = 2.0 * torch.pi * kx[:, None] * xs[None, :] / width
-    weight = torch.full((half,), 2.0 / (height * width), device=device, dtype=torch.float64)
-    weight[0] /= 2.0
-    if width % 2 == 0:
-        weight[-1] /= 2.0
+    weight = rfft_column_weights(width, device=device) / (height * width)
     row_kernel = torch.polar(torch.ones_like(row_phase), row_phase)
     column_kernel = torch.polar(weight[:, None].expand_as(column_phase), column_phase)
     return row_kernel.to(torch.complex64), column_kernel.to(torch.complex64)
