@@ -73,11 +73,6 @@ class PreparedVolume:
         channels = torch.view_as_real(spectrum).permute(3, 0, 1, 2)[None].contiguous()
         return cls(channels=channels, box_size=box_size, padded_size=padded_size)
 
-    @property
-    def spectrum(self) -> torch.Tensor:
-        """The complex transform (a new tensor), for inspection."""
-        return torch.complex(self.channels[0, 0], self.channels[0, 1])
-
 
 def padded_box_size(box_size: int, pad_factor: float) -> int:
     """Edge Np of the padded box: the even integer nearest pad_factor · D (and ≥ D)."""
